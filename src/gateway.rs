@@ -1,0 +1,173 @@
+//! Gateway: the state every connection shares, and the life cycle of a stream around it.
+//!
+//! Owns admission (`MAX_CONNECTIONS`), the hand-over from a 2xx connect callback to a registered,
+//! open stream, and the one place where a stream's end is reported: registry removal, metrics, and
+//! the disconnect callback, spawned so that no caller (least of all `/internal/send`) waits on it.
+//! It does not parse HTTP or format frames.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::body::StreamBody;
+use crate::callback::{Callbacks, Outcome};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::stream::{EndReason, Stream};
+use crate::{log, log::Level};
+
+pub struct Gateway {
+    pub config: Config,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub callbacks: Option<Arc<Callbacks>>,
+    draining: AtomicBool,
+    /// Streams admitted: open ones plus those whose connect callback is in flight.
+    admitted: AtomicUsize,
+}
+
+/// Why a stream could not be opened, before or at the connect callback.
+#[derive(Debug)]
+pub enum OpenError {
+    NotConfigured,
+    TooManyConnections,
+    Callback(Outcome),
+    /// The registry had no addressable slot (not reachable below 4 billion streams).
+    RegistryFull,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Arc<Gateway> {
+        let metrics = Arc::new(Metrics::default());
+        let callbacks = config.callback_url.clone().map(|url| {
+            Arc::new(Callbacks::new(
+                url,
+                config.callback_timeout,
+                metrics.clone(),
+            ))
+        });
+        Arc::new(Gateway {
+            config,
+            registry: Registry::new(),
+            metrics,
+            callbacks,
+            draining: AtomicBool::new(false),
+            admitted: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Opens a stream for a request whose callback `request` object is given: admission, registry
+    /// slot and token, connect callback, and on 2xx the body that owns the stream from then on.
+    ///
+    /// The callback runs in its own task and the body is created there: if the client leaves while
+    /// the callback is in flight (hyper drops the request future), the body is dropped unsent, and
+    /// its `Drop` reports `client_closed` — so a 2xx token always gets exactly one disconnect.
+    pub async fn open(self: &Arc<Self>, request: Bytes) -> Result<StreamBody, OpenError> {
+        let Some(callbacks) = self.callbacks.clone() else {
+            return Err(OpenError::NotConfigured);
+        };
+        if !self.admit() {
+            return Err(OpenError::TooManyConnections);
+        }
+        let Some(stream) = self.registry.insert(request) else {
+            self.release();
+            return Err(OpenError::RegistryFull);
+        };
+        let gateway = self.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = callbacks.connect(stream.token, &stream.request).await;
+            let result = match outcome {
+                Outcome::Accepted(_) => {
+                    gateway
+                        .metrics
+                        .connections_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    log!(Level::Info, "connection opened token={}", stream.token);
+                    stream.accept();
+                    let body = StreamBody::new(stream, gateway.clone());
+                    if gateway.is_draining() {
+                        body.end(EndReason::ServerClosed);
+                    }
+                    Ok(body)
+                }
+                refused => {
+                    log!(
+                        Level::Info,
+                        "connection refused: {refused:?} token={}",
+                        stream.token
+                    );
+                    gateway.registry.remove(stream.token);
+                    gateway.release();
+                    Err(OpenError::Callback(refused))
+                }
+            };
+            // A send error means the client is gone: dropping the body reports `client_closed`.
+            let _ = answer.send(result);
+        });
+        answered
+            .await
+            .unwrap_or(Err(OpenError::Callback(Outcome::Unavailable)))
+    }
+
+    fn admit(&self) -> bool {
+        let max = self.config.max_connections;
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release(&self) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Reports the end of `stream`, whose transition to ended the caller has just made: removes it
+    /// from the registry, counts it, and sends the disconnect callback in the background.
+    pub fn report_end(&self, stream: &Stream, reason: EndReason) {
+        self.registry.remove(stream.token);
+        self.metrics.disconnect(reason);
+        log!(
+            Level::Info,
+            "connection closed ({}) token={}",
+            reason.as_str(),
+            stream.token
+        );
+        if let Some(callbacks) = &self.callbacks {
+            let in_flight = callbacks.track();
+            let (token, request) = (stream.token, stream.request.clone());
+            tokio::spawn(async move {
+                in_flight
+                    .callbacks()
+                    .disconnect(token, reason, &request)
+                    .await;
+            });
+        }
+    }
+
+    /// Ends `stream` for `reason` and reports it, unless it had already ended.
+    pub fn end(&self, stream: &Stream, reason: EndReason) {
+        if stream.end(reason) {
+            self.report_end(stream, reason);
+        }
+    }
+
+    /// Starts the drain: readiness turns 503 and every open stream ends with `server_closed`.
+    pub fn drain(&self) {
+        // SeqCst pairs with `Stream::accept` in `open`: a stream accepted after this store sees
+        // `draining` and ends itself; one accepted before it is in the snapshot as accepted.
+        self.draining.store(true, Ordering::SeqCst);
+        for stream in self.registry.snapshot() {
+            if stream.is_accepted() {
+                self.end(&stream, EndReason::ServerClosed);
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! sse-gateway: a Server-Sent Events sidecar that holds browsers' `EventSource` streams for a
+//! stateless backend. The wire contract is `PROTOCOL.md` (the project's copy of the shared spec).
+//!
+//! # Layout
+//! Data flows accept → route → callback → registry → frame → body → socket:
+//! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
+//! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; validation and statuses.
+//! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks.
+//! - [`gateway`]: shared state and a stream's life cycle (admission, open, the one end report).
+//! - [`registry`]: the sharded slab of open streams, addressed by token.
+//! - [`token`]: UUID v4 tokens that carry their registry address.
+//! - [`stream`]: one stream's byte-bounded frame queue and end state.
+//! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
+//! - [`body`]: the `http_body::Body` hyper drains; its `Drop` is the client-gone signal.
+//! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
+//! - [`metrics`], [`log`], [`config`]: operations.
+
+pub mod body;
+pub mod callback;
+pub mod config;
+pub mod frame;
+pub mod gateway;
+pub mod heartbeat;
+#[macro_use]
+pub mod log;
+pub mod metrics;
+pub mod registry;
+pub mod routes;
+pub mod server;
+pub mod stream;
+pub mod token;
+
+pub use config::Config;
+pub use server::{run, Listeners};

@@ -1,0 +1,174 @@
+//! Metrics: the counters of PROTOCOL §7, kept in atomics and rendered as Prometheus text on demand.
+//!
+//! Owns counting and the exposition format. Hot paths only do relaxed atomic adds; nothing here
+//! allocates except [`Metrics::render`], which runs per scrape.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::stream::EndReason;
+
+#[derive(Clone, Copy, Debug)]
+pub enum CallbackAction {
+    Connect = 0,
+    Disconnect = 1,
+}
+
+impl CallbackAction {
+    const ALL: [CallbackAction; 2] = [CallbackAction::Connect, CallbackAction::Disconnect];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackAction::Connect => "connect",
+            CallbackAction::Disconnect => "disconnect",
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the callback latency histogram: 1 ms to the 5 s default timeout.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    /// Per bucket (not cumulative), plus the overflow bucket at the end.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub events_sent_total: AtomicU64,
+    pub bytes_sent_total: AtomicU64,
+    pub heartbeats_total: AtomicU64,
+    disconnects: [AtomicU64; 3],
+    callback_errors: [AtomicU64; 2],
+    callback_latency: [Histogram; 2],
+}
+
+impl Metrics {
+    pub fn disconnect(&self, reason: EndReason) {
+        self.disconnects[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn callback_error(&self, action: CallbackAction) {
+        self.callback_errors[action as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn callback_latency(&self, action: CallbackAction, elapsed: Duration) {
+        let h = &self.callback_latency[action as usize];
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        h.buckets[bucket].fetch_add(1, Relaxed);
+        h.sum_micros
+            .fetch_add(elapsed.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self, connections: usize) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            );
+        };
+        counter(
+            "sse_gateway_connections_total",
+            "Streams accepted since start.",
+            self.connections_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_events_sent_total",
+            "Event frames queued to streams.",
+            self.events_sent_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_bytes_sent_total",
+            "Frame bytes handed to connections (events and heartbeats).",
+            self.bytes_sent_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_heartbeats_total",
+            "Heartbeat frames queued.",
+            self.heartbeats_total.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP sse_gateway_connections Open streams.\n# TYPE sse_gateway_connections gauge\nsse_gateway_connections {connections}\n"
+        );
+        out.push_str("# HELP sse_gateway_disconnects_total Streams ended, by reason.\n# TYPE sse_gateway_disconnects_total counter\n");
+        for reason in EndReason::ALL {
+            let _ = writeln!(
+                out,
+                "sse_gateway_disconnects_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.disconnects[reason.index()].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP sse_gateway_callback_errors_total Callbacks that failed (transport, timeout or non-2xx).\n# TYPE sse_gateway_callback_errors_total counter\n");
+        for action in CallbackAction::ALL {
+            let _ = writeln!(
+                out,
+                "sse_gateway_callback_errors_total{{action=\"{}\"}} {}",
+                action.as_str(),
+                self.callback_errors[action as usize].load(Relaxed)
+            );
+        }
+        out.push_str("# HELP sse_gateway_callback_duration_seconds Callback latency.\n# TYPE sse_gateway_callback_duration_seconds histogram\n");
+        for action in CallbackAction::ALL {
+            let h = &self.callback_latency[action as usize];
+            let name = action.as_str();
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += h.buckets[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "sse_gateway_callback_duration_seconds_bucket{{action=\"{name}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            cumulative += h.buckets[LATENCY_BUCKETS.len()].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "sse_gateway_callback_duration_seconds_bucket{{action=\"{name}\",le=\"+Inf\"}} {cumulative}\nsse_gateway_callback_duration_seconds_sum{{action=\"{name}\"}} {}\nsse_gateway_callback_duration_seconds_count{{action=\"{name}\"}} {cumulative}",
+                h.sum_micros.load(Relaxed) as f64 / 1e6
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative_and_counts_match() {
+        let m = Metrics::default();
+        m.callback_latency(CallbackAction::Connect, Duration::from_micros(500));
+        m.callback_latency(CallbackAction::Connect, Duration::from_millis(30));
+        m.callback_latency(CallbackAction::Connect, Duration::from_secs(9));
+        let text = m.render(0);
+        assert!(text.contains(
+            "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"0.001\"} 1\n"
+        ));
+        assert!(text.contains(
+            "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"0.05\"} 2\n"
+        ));
+        assert!(text.contains(
+            "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"+Inf\"} 3\n"
+        ));
+        assert!(
+            text.contains("sse_gateway_callback_duration_seconds_count{action=\"connect\"} 3\n")
+        );
+        assert!(
+            text.contains("sse_gateway_callback_duration_seconds_count{action=\"disconnect\"} 0\n")
+        );
+    }
+}

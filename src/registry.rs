@@ -1,0 +1,238 @@
+//! Registry: every open stream, in a sharded slab addressed by the stream's token.
+//!
+//! Owns the token → stream mapping and nothing else: it does not queue frames, send callbacks or end
+//! streams. `SHARDS` slabs each sit behind their own `parking_lot::Mutex`; a token's first 32 bits
+//! carry its shard (low `SHARD_BITS`) and slot (the rest), see [`crate::token`], so a lookup is one
+//! shard lock, one slab index and a 128-bit compare, and no lock is ever held across `.await` or I/O.
+//! A per-shard `HashMap<Token, slot>` was the alternative; folding the address into the token costs
+//! 32 of the UUID's 122 random bits (90 remain) and saves a map entry (~40 B) and a hash per lookup.
+//!
+//! # Memory budget per idle stream (x86-64, measured figures in BENCHMARKS.md)
+//! | item | bytes | why |
+//! | --- | --- | --- |
+//! | slab slot | 16 | `Entry` enum: one `Arc` pointer plus tag |
+//! | `Arc<Stream>` | ~120 | token 16, request `Bytes` 32, queue `VecDeque` 32, waker 16, counters |
+//! | request JSON | ~size of the request head | kept for the disconnect callback's `request` |
+//! | queue ring | 0 idle, 128 after the first frame | `VecDeque` of four 32-byte `Bytes` |
+//! | hyper connection task | see BENCHMARKS.md | read buffer (8 KiB, first page touched), write buffer for the head, dispatcher state |
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Waker;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::stream::Stream;
+use crate::token::{Token, ADDRESS_BITS};
+
+/// 64 shards keep two contending threads (a send and the heartbeat sweep, say) on different locks
+/// almost always, at 64 × ~40 B of fixed cost.
+pub const SHARD_BITS: u32 = 6;
+pub const SHARDS: usize = 1 << SHARD_BITS;
+/// Slots per shard the token can address: 2^26 × 64 shards = 4 billion streams, far past any fd limit.
+const MAX_SLOTS: usize = 1 << (ADDRESS_BITS - SHARD_BITS);
+
+pub struct Registry {
+    shards: Box<[Mutex<Slab<Arc<Stream>>>]>,
+    /// Round-robin shard choice for inserts: spreads streams evenly without hashing anything.
+    next_shard: AtomicUsize,
+    len: AtomicUsize,
+    /// XORed over addresses so tokens do not expose slot numbers (the first stream's token would
+    /// otherwise start `00000000-`); a per-process constant, not a secret the design relies on.
+    address_key: u32,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry {
+            shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
+            next_shard: AtomicUsize::new(0),
+            len: AtomicUsize::new(0),
+            address_key: Token::random().address(),
+        }
+    }
+
+    /// Creates a stream under a fresh token and registers it. `None` only when the chosen shard has
+    /// no addressable slot left.
+    pub fn insert(&self, request: Bytes) -> Option<Arc<Stream>> {
+        let random = Token::random();
+        let shard_index = self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        let mut shard = self.shards[shard_index].lock();
+        let entry = shard.vacant_entry();
+        if entry.key() >= MAX_SLOTS {
+            return None;
+        }
+        let address = ((entry.key() as u32) << SHARD_BITS | shard_index as u32) ^ self.address_key;
+        let stream = Arc::new(Stream::new(random.with_address(address), request));
+        entry.insert(stream.clone());
+        drop(shard);
+        self.len.fetch_add(1, Ordering::Relaxed);
+        Some(stream)
+    }
+
+    pub fn get(&self, token: Token) -> Option<Arc<Stream>> {
+        let (shard, slot) = self.split(token);
+        let shard = self.shards[shard].lock();
+        shard.get(slot).filter(|s| s.token == token).cloned()
+    }
+
+    /// Removes the stream registered under `token`; false if it was not there (already removed).
+    pub fn remove(&self, token: Token) -> bool {
+        let (shard, slot) = self.split(token);
+        let mut shard = self.shards[shard].lock();
+        if shard.get(slot).is_some_and(|s| s.token == token) {
+            let stream = shard.remove(slot);
+            drop(shard);
+            drop(stream);
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Gives a heartbeat to every stream whose slot ≡ `bucket` (mod `buckets`), shard by shard.
+    /// Wakers are collected and woken after each shard's lock is released, so the lock covers only
+    /// queue pushes. Returns how many heartbeats were queued.
+    pub fn heartbeat_bucket(
+        &self,
+        bucket: usize,
+        buckets: usize,
+        wakers: &mut Vec<Waker>,
+    ) -> usize {
+        let mut queued = 0;
+        for shard in self.shards.iter() {
+            {
+                let shard = shard.lock();
+                let mut slot = bucket;
+                while slot < shard.capacity() {
+                    if let Some(parked) = shard.get(slot).and_then(|s| s.heartbeat()) {
+                        wakers.extend(parked);
+                        queued += 1;
+                    }
+                    slot += buckets;
+                }
+            }
+            wakers.drain(..).for_each(Waker::wake);
+        }
+        queued
+    }
+
+    fn split(&self, token: Token) -> (usize, usize) {
+        let address = (token.address() ^ self.address_key) as usize;
+        (address & (SHARDS - 1), address >> SHARD_BITS)
+    }
+
+    /// Every registered stream, for shutdown. Each shard is copied under its lock, one at a time.
+    pub fn snapshot(&self) -> Vec<Arc<Stream>> {
+        let mut all = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            all.extend(shard.lock().iter().map(|(_, s)| s.clone()));
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A tiny deterministic PRNG so the random-operation test needs no dependency.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn agrees_with_a_hashmap_on_random_operations() {
+        let registry = Registry::new();
+        let mut reference: HashMap<Token, Arc<Stream>> = HashMap::new();
+        let mut removed: Vec<Token> = Vec::new();
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for step in 0..20_000 {
+            match rng.next() % 4 {
+                0 | 1 => {
+                    let s = registry.insert(Bytes::new()).unwrap();
+                    assert!(reference.insert(s.token, s).is_none(), "tokens are unique");
+                }
+                2 if !reference.is_empty() => {
+                    let key = *reference
+                        .keys()
+                        .nth(rng.next() as usize % reference.len())
+                        .unwrap();
+                    assert!(registry.remove(key));
+                    assert!(!registry.remove(key), "a second remove finds nothing");
+                    reference.remove(&key);
+                    removed.push(key);
+                }
+                _ => {
+                    if let Some(&gone) = removed.last() {
+                        assert!(registry.get(gone).is_none(), "a stale token never resolves");
+                    }
+                }
+            }
+            if step % 1000 == 0 {
+                for (token, stream) in &reference {
+                    assert!(Arc::ptr_eq(&registry.get(*token).unwrap(), stream));
+                }
+            }
+            assert_eq!(registry.len(), reference.len());
+        }
+        assert_eq!(registry.snapshot().len(), reference.len());
+    }
+
+    #[test]
+    fn a_reused_slot_does_not_answer_to_the_old_token() {
+        let registry = Registry::new();
+        let first = registry.insert(Bytes::new()).unwrap().token;
+        assert!(registry.remove(first));
+        // Fill every shard once so the old (shard, slot) is taken again.
+        let again: Vec<Token> = (0..SHARDS)
+            .map(|_| registry.insert(Bytes::new()).unwrap().token)
+            .collect();
+        assert!(again.iter().any(|t| t.address() == first.address()));
+        assert!(registry.get(first).is_none());
+    }
+
+    #[test]
+    fn buckets_partition_the_streams() {
+        let registry = Registry::new();
+        let streams: Vec<_> = (0..1000)
+            .map(|_| registry.insert(Bytes::new()).unwrap())
+            .collect();
+        let mut wakers = Vec::new();
+        let total: usize = (0..16)
+            .map(|b| registry.heartbeat_bucket(b, 16, &mut wakers))
+            .sum();
+        assert_eq!(total, streams.len(), "each stream is in exactly one bucket");
+        let again: usize = (0..16)
+            .map(|b| registry.heartbeat_bucket(b, 16, &mut wakers))
+            .sum();
+        assert_eq!(
+            again, 0,
+            "a stream with a heartbeat still queued is skipped"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! Server: listeners, the accept loop, and the two-phase shutdown.
+//!
+//! Owns sockets until hyper takes them: binding (with a deep backlog for connect storms), accepting
+//! with back-off when the process runs out of descriptors (no busy loop; service resumes as soon as
+//! descriptors free up), one hyper HTTP/1.1 connection task per socket, and the drain on shutdown:
+//! stop accepting → end every stream (`server_closed`) → wait, within `SHUTDOWN_GRACE_SECONDS`, for
+//! connections to flush their last chunk and for disconnect callbacks to finish. hyper's graceful
+//! shutdown alone never finishes while an SSE body is open (hyper#2787), which is why streams are
+//! ended first. Routing is [`crate::routes`]'s business, not this module's.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::log::Level;
+use crate::routes::{Listener, Routes};
+
+/// Pending connections the kernel may hold per listener; a connect storm of a few thousand browsers
+/// (a deploy, a network blip) should queue, not be refused. The kernel caps it at `somaxconn`.
+const BACKLOG: u32 = 4096;
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+pub struct Listeners {
+    pub public: TcpListener,
+    pub internal: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `HOST:PORT` and, when `INTERNAL_PORT` is set, `INTERNAL_HOST:INTERNAL_PORT`.
+    pub fn bind(config: &Config) -> io::Result<Listeners> {
+        let public = bind(SocketAddr::new(config.host, config.port))?;
+        let internal = config
+            .internal_port
+            .map(|port| bind(SocketAddr::new(config.internal_host, port)))
+            .transpose()?;
+        Ok(Listeners { public, internal })
+    }
+}
+
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Serves until `shutdown` resolves, then drains and returns.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+    let grace = config.shutdown_grace;
+    let gateway = Gateway::new(config);
+    let heartbeat = tokio::spawn(crate::heartbeat::run(gateway.clone()));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    // The timer enables hyper's 30 s header-read timeout, so a silent socket cannot hold a slot.
+    http.timer(TokioTimer::new());
+
+    let public_role = if listeners.internal.is_some() {
+        Listener::Public
+    } else {
+        Listener::Combined
+    };
+    let public = accept_loop(
+        listeners.public,
+        Routes::new(gateway.clone(), public_role),
+        &http,
+        &graceful,
+    );
+    let internal = async {
+        match listeners.internal {
+            Some(listener) => {
+                let routes = Routes::new(gateway.clone(), Listener::Internal);
+                accept_loop(listener, routes, &http, &graceful).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = async { tokio::join!(public, internal) } => {}
+        _ = shutdown => {}
+    }
+
+    log!(
+        Level::Info,
+        "shutting down: draining {} streams (grace {:?})",
+        gateway.registry.len(),
+        grace
+    );
+    gateway.drain();
+    let drained = tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        if let Some(callbacks) = &gateway.callbacks {
+            callbacks.wait_idle().await;
+        }
+    })
+    .await;
+    heartbeat.abort();
+    match drained {
+        Ok(()) => log!(Level::Info, "shutdown complete"),
+        Err(_) => log!(
+            Level::Warn,
+            "shutdown grace period ended with work still in flight"
+        ),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    routes: Routes,
+    http: &http1::Builder,
+    graceful: &GracefulShutdown,
+) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                backoff = Duration::ZERO;
+                // Frames are whole events; Nagle would only add latency to them.
+                let _ = socket.set_nodelay(true);
+                let connection = http.serve_connection(TokioIo::new(socket), routes.clone());
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        log!(Level::Debug, "connection ended with error: {err}");
+                    }
+                });
+            }
+            Err(err) => {
+                // EMFILE/ENFILE leave the connection in the backlog; retrying at once would spin.
+                if backoff.is_zero() {
+                    log!(Level::Warn, "accept failed, backing off: {err}");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => log!(Level::Info, "SIGTERM received"),
+        _ = int.recv() => log!(Level::Info, "SIGINT received"),
+    }
+}
+
+/// Shared so `main` and tests build the gateway the same way.
+pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
+    let public = listeners.public.local_addr()?;
+    log!(Level::Info, "public listener on http://{public}");
+    if let Some(internal) = &listeners.internal {
+        log!(
+            Level::Info,
+            "internal listener on http://{}",
+            internal.local_addr()?
+        );
+    }
+    log!(
+        Level::Info,
+        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={}",
+        config.callback_url.as_ref().map_or("(unset)", |u| u.raw.as_str()),
+        config.callback_timeout.as_millis(),
+        config.heartbeat_interval.as_secs(),
+        config.max_connections,
+        config.max_queue_bytes,
+        config.max_send_bytes,
+        if config.internal_secret.is_some() { "set" } else { "unset" },
+        config.shutdown_grace.as_secs(),
+        config.log_level,
+        config.worker_threads.map_or("cores".to_string(), |n| n.to_string()),
+    );
+    Ok(())
+}
