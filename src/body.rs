@@ -1,80 +1,70 @@
-//! Bodies: the `http_body::Body` hyper writes to the socket, for streams and for JSON answers.
+//! Bodies: what hyper is given to send, for JSON answers and for SSE streams.
 //!
-//! Owns the hand-off from a stream's queue to hyper and the "client went away" signal: hyper drops a
-//! response body when its connection ends, so [`StreamBody`]'s `Drop` is where `client_closed` is
-//! detected (and where the admission slot is given back). Frames pass through as the same `Bytes`
-//! the sender encoded; nothing is copied here.
+//! An SSE response body here carries no frames. hyper writes the response head; when it first polls
+//! the body, the body hands its [`StreamGuard`] to the connection's [`Handoff`] and stays pending.
+//! The connection driver ([`crate::connection`]) then takes the socket back from hyper and gives it,
+//! with the guard, to the stream's writer ([`crate::writer`]). Why: hyper keeps two 8 KiB buffers
+//! per connection for as long as the connection lives, which is most of what an idle stream would
+//! otherwise cost. Nothing here does I/O.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::gateway::Gateway;
-use crate::stream::{EndReason, Next, Stream};
+use crate::connection::Handoff;
+use crate::gateway::StreamGuard;
 
-/// The body of an open SSE response; owns the stream's lifetime on the connection side.
+/// The body of an accepted SSE response until the connection driver takes the stream over.
 pub struct StreamBody {
-    stream: Arc<Stream>,
-    gateway: Arc<Gateway>,
+    guard: Option<StreamGuard>,
+    /// Chunked framing (HTTP/1.1) or close-delimited (HTTP/1.0), as hyper chose for the head.
+    chunked: bool,
+    handoff: Arc<Handoff>,
 }
-
-/// A queue overflow: hyper aborts the connection, so the client sees no clean end.
-#[derive(Debug)]
-pub struct Aborted;
-
-impl std::fmt::Display for Aborted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("stream queue overflowed")
-    }
-}
-
-impl std::error::Error for Aborted {}
 
 impl StreamBody {
-    pub fn new(stream: Arc<Stream>, gateway: Arc<Gateway>) -> StreamBody {
-        StreamBody { stream, gateway }
-    }
-
-    pub fn end(&self, reason: EndReason) {
-        self.gateway.end(&self.stream, reason);
-    }
-}
-
-impl Body for StreamBody {
-    type Data = Bytes;
-    type Error = Aborted;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Aborted>>> {
-        match self.stream.poll_next(cx.waker()) {
-            Next::Frame(frame) => {
-                self.gateway
-                    .metrics
-                    .bytes_sent_total
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
-                Poll::Ready(Some(Ok(Frame::data(frame))))
-            }
-            Next::Pending => Poll::Pending,
-            Next::Finished => Poll::Ready(None),
-            Next::Aborted => Poll::Ready(Some(Err(Aborted))),
+    pub fn new(guard: StreamGuard, chunked: bool, handoff: Arc<Handoff>) -> StreamBody {
+        StreamBody {
+            guard: Some(guard),
+            chunked,
+            handoff,
         }
     }
 }
 
-impl Drop for StreamBody {
-    fn drop(&mut self) {
-        self.gateway.end(&self.stream, EndReason::ClientClosed);
-        self.gateway.release();
+/// Never produced: a stream body yields no frames and no errors through hyper.
+#[derive(Debug)]
+pub enum Never {}
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {}
     }
 }
 
-/// Every response body the gateway sends: a complete JSON/text answer or an SSE stream.
+impl std::error::Error for Never {}
+
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = Never;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Never>>> {
+        // hyper has encoded the head by now; the driver, which is polling hyper on this same task,
+        // detaches the socket as soon as that head is flushed. No waker is needed.
+        if let Some(guard) = self.guard.take() {
+            self.handoff.offer(guard, self.chunked);
+        }
+        Poll::Pending
+    }
+}
+
+/// Every response body the gateway gives hyper.
 pub enum ResponseBody {
     Full(Option<Bytes>),
     Stream(StreamBody),
@@ -82,12 +72,12 @@ pub enum ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = Aborted;
+    type Error = Never;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Aborted>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Never>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Stream(stream) => Pin::new(stream).poll_frame(cx),

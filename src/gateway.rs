@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::body::StreamBody;
 use crate::callback::{Callbacks, Outcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -68,7 +67,7 @@ impl Gateway {
     /// The callback runs in its own task and the body is created there: if the client leaves while
     /// the callback is in flight (hyper drops the request future), the body is dropped unsent, and
     /// its `Drop` reports `client_closed` — so a 2xx token always gets exactly one disconnect.
-    pub async fn open(self: &Arc<Self>, request: Bytes) -> Result<StreamBody, OpenError> {
+    pub async fn open(self: &Arc<Self>, request: Bytes) -> Result<StreamGuard, OpenError> {
         let Some(callbacks) = self.callbacks.clone() else {
             return Err(OpenError::NotConfigured);
         };
@@ -91,11 +90,14 @@ impl Gateway {
                         .fetch_add(1, Ordering::Relaxed);
                     log!(Level::Info, "connection opened token={}", stream.token);
                     stream.accept();
-                    let body = StreamBody::new(stream, gateway.clone());
+                    let guard = StreamGuard {
+                        stream,
+                        gateway: gateway.clone(),
+                    };
                     if gateway.is_draining() {
-                        body.end(EndReason::ServerClosed);
+                        gateway.end(&guard.stream, EndReason::ServerClosed);
                     }
-                    Ok(body)
+                    Ok(guard)
                 }
                 refused => {
                     log!(
@@ -108,7 +110,7 @@ impl Gateway {
                     Err(OpenError::Callback(refused))
                 }
             };
-            // A send error means the client is gone: dropping the body reports `client_closed`.
+            // A send error means the client is gone: dropping the guard reports `client_closed`.
             let _ = answer.send(result);
         });
         answered
@@ -125,7 +127,7 @@ impl Gateway {
             .is_ok()
     }
 
-    pub(crate) fn release(&self) {
+    fn release(&self) {
         self.admitted.fetch_sub(1, Ordering::AcqRel);
     }
 
@@ -169,5 +171,26 @@ impl Gateway {
                 self.end(&stream, EndReason::ServerClosed);
             }
         }
+    }
+}
+
+/// Ownership of an accepted stream on the connection side. Whoever holds it (the response body, then
+/// the stream's writer) keeps the stream open; dropping it is "the client side is gone": the stream
+/// ends with `client_closed` unless it had already ended, and its admission slot is given back.
+pub struct StreamGuard {
+    pub stream: Arc<Stream>,
+    gateway: Arc<Gateway>,
+}
+
+impl StreamGuard {
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.gateway.end(&self.stream, EndReason::ClientClosed);
+        self.gateway.release();
     }
 }

@@ -2,8 +2,9 @@
 //! stateless backend. The wire contract is `PROTOCOL.md` (the project's copy of the shared spec).
 //!
 //! # Layout
-//! Data flows accept → route → callback → registry → frame → body → socket:
+//! Data flows accept → route → callback → registry → frame → queue → writer → socket:
 //! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
+//! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer.
 //! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; validation and statuses.
 //! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks.
 //! - [`gateway`]: shared state and a stream's life cycle (admission, open, the one end report).
@@ -11,13 +12,15 @@
 //! - [`token`]: UUID v4 tokens that carry their registry address.
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
-//! - [`body`]: the `http_body::Body` hyper drains; its `Drop` is the client-gone signal.
+//! - [`body`]: response bodies; a stream's body hands the stream over once hyper wrote the head.
+//! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
 //! - [`metrics`], [`log`], [`config`]: operations.
 
 pub mod body;
 pub mod callback;
 pub mod config;
+pub mod connection;
 pub mod frame;
 pub mod gateway;
 pub mod heartbeat;
@@ -29,6 +32,7 @@ pub mod routes;
 pub mod server;
 pub mod stream;
 pub mod token;
+pub mod writer;
 
 pub use config::Config;
 pub use server::{run, Listeners};

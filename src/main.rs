@@ -8,6 +8,7 @@ use sse_gateway::{log, log::Level, server, Config, Listeners};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -38,4 +39,15 @@ fn main() -> ExitCode {
         server::run(config, listeners, server::shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// mimalloc asks for transparent huge pages on its segments (`madvise(MADV_HUGEPAGE)`), so one
+/// touched byte can make 2 MiB resident. Tens of thousands of streams each touching a few small,
+/// scattered allocations is the worst case for that: measured here, 19 KiB/stream with THP against
+/// a fraction of that without. The flag covers every later page fault of the process.
+fn disable_transparent_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }

@@ -12,13 +12,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use crate::body::ResponseBody;
+use crate::body::{ResponseBody, StreamBody};
 use crate::callback::{encode_request, Outcome};
+use crate::connection::Handoff;
 use crate::frame::{self, Event};
 use crate::gateway::{Gateway, OpenError};
 use crate::log::Level;
@@ -36,10 +37,12 @@ pub enum Listener {
     Internal,
 }
 
+/// One per connection: the handoff is that connection's.
 #[derive(Clone)]
 pub struct Routes {
     gateway: Arc<Gateway>,
     listener: Listener,
+    handoff: Arc<Handoff>,
 }
 
 type Answer = Response<ResponseBody>;
@@ -56,8 +59,12 @@ impl hyper::service::Service<Request<Incoming>> for Routes {
 }
 
 impl Routes {
-    pub fn new(gateway: Arc<Gateway>, listener: Listener) -> Routes {
-        Routes { gateway, listener }
+    pub fn new(gateway: Arc<Gateway>, listener: Listener, handoff: Arc<Handoff>) -> Routes {
+        Routes {
+            gateway,
+            listener,
+            handoff,
+        }
     }
 
     fn serves_internal(&self) -> bool {
@@ -120,11 +127,14 @@ impl Routes {
             _ => uri.to_string(),
         };
         let request_json = encode_request(&target, request.headers());
+        // hyper frames an unknown-length body as chunked for HTTP/1.1, close-delimited for 1.0.
+        let chunked = request.version() >= Version::HTTP_11;
         // Drop the request now: its header values pin hyper's 8 KiB read buffer, which would
         // otherwise stay allocated for the life of the stream.
         drop(request);
         match self.gateway.open(request_json).await {
-            Ok(body) => {
+            Ok(guard) => {
+                let body = StreamBody::new(guard, chunked, self.handoff.clone());
                 let mut answer = Response::new(ResponseBody::Stream(body));
                 let headers = answer.headers_mut();
                 headers.insert(

@@ -11,17 +11,18 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::log::Level;
-use crate::routes::{Listener, Routes};
+use crate::routes::Listener;
 
 /// Pending connections the kernel may hold per listener; a connect storm of a few thousand browsers
 /// (a deploy, a network blip) should queue, not be refused. The kernel caps it at `somaxconn`.
@@ -61,7 +62,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let grace = config.shutdown_grace;
     let gateway = Gateway::new(config);
     let heartbeat = tokio::spawn(crate::heartbeat::run(gateway.clone()));
-    let graceful = GracefulShutdown::new();
+    // Every connection task and stream writer holds a receiver: `closed()` is "all of them are gone".
+    let (drain, drain_rx) = watch::channel(false);
     let mut http = http1::Builder::new();
     // The timer enables hyper's 30 s header-read timeout, so a silent socket cannot hold a slot.
     http.timer(TokioTimer::new());
@@ -71,17 +73,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     } else {
         Listener::Combined
     };
-    let public = accept_loop(
-        listeners.public,
-        Routes::new(gateway.clone(), public_role),
-        &http,
-        &graceful,
-    );
+    let public = accept_loop(listeners.public, &gateway, public_role, &http, &drain_rx);
     let internal = async {
         match listeners.internal {
             Some(listener) => {
-                let routes = Routes::new(gateway.clone(), Listener::Internal);
-                accept_loop(listener, routes, &http, &graceful).await
+                accept_loop(listener, &gateway, Listener::Internal, &http, &drain_rx).await
             }
             None => std::future::pending().await,
         }
@@ -98,8 +94,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
         grace
     );
     gateway.drain();
+    let _ = drain.send(true);
+    drop(drain_rx);
     let drained = tokio::time::timeout(grace, async {
-        graceful.shutdown().await;
+        drain.closed().await;
         if let Some(callbacks) = &gateway.callbacks {
             callbacks.wait_idle().await;
         }
@@ -117,9 +115,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
 
 async fn accept_loop(
     listener: TcpListener,
-    routes: Routes,
+    gateway: &Arc<Gateway>,
+    role: Listener,
     http: &http1::Builder,
-    graceful: &GracefulShutdown,
+    drain: &watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::ZERO;
     loop {
@@ -128,13 +127,13 @@ async fn accept_loop(
                 backoff = Duration::ZERO;
                 // Frames are whole events; Nagle would only add latency to them.
                 let _ = socket.set_nodelay(true);
-                let connection = http.serve_connection(TokioIo::new(socket), routes.clone());
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        log!(Level::Debug, "connection ended with error: {err}");
-                    }
-                });
+                tokio::spawn(crate::connection::serve(
+                    socket,
+                    gateway.clone(),
+                    role,
+                    http.clone(),
+                    drain.clone(),
+                ));
             }
             Err(err) => {
                 // EMFILE/ENFILE leave the connection in the backlog; retrying at once would spin.
@@ -159,15 +158,20 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Shared so `main` and tests build the gateway the same way.
+/// Logs the start-up lines: listener addresses and settings.
 pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
+    // The addresses are printed whatever LOG_LEVEL says: with PORT=0 they are the only way to
+    // learn the port.
     let public = listeners.public.local_addr()?;
-    log!(Level::Info, "public listener on http://{public}");
+    crate::log::write(
+        Level::Info,
+        format_args!("public listener on http://{public}"),
+    );
     if let Some(internal) = &listeners.internal {
-        log!(
+        let internal = internal.local_addr()?;
+        crate::log::write(
             Level::Info,
-            "internal listener on http://{}",
-            internal.local_addr()?
+            format_args!("internal listener on http://{internal}"),
         );
     }
     log!(

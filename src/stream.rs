@@ -1,7 +1,7 @@
 //! Streams: one open SSE stream's byte-bounded frame queue and its end state.
 //!
-//! Owns what happens to frames between "accepted by the gateway" and "taken by hyper for the socket":
-//! the FIFO of shared [`Bytes`] frames, the `MAX_QUEUE_BYTES` bound, the waker of the connection task
+//! Owns what happens to frames between "accepted by the gateway" and "taken by the stream's writer":
+//! the FIFO of shared [`Bytes`] frames, the `MAX_QUEUE_BYTES` bound, the waker of the writer task
 //! that drains it, and the single transition to "ended" that decides which disconnect reason is
 //! reported (so exactly one is). It does no I/O and sends no callbacks: whoever makes the transition
 //! (see [`crate::gateway`]) reports it. Locks here are short and never held across `.await`.
@@ -74,10 +74,14 @@ pub enum Delivery {
     Overflowed,
 }
 
-/// What the connection task should do next.
-#[derive(Debug)]
+/// Ring capacity an emptied queue may keep (4 × 32 B); a larger one is freed.
+const IDLE_QUEUE_CAPACITY: usize = 4;
+
+/// What the stream's writer should do next.
+#[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    Frame(Bytes),
+    /// Frames were moved into the caller's batch.
+    Frames,
     /// Park; the waker is stored and the next delivery wakes it.
     Pending,
     /// The stream ended cleanly and everything queued was taken: finish the chunked body.
@@ -167,12 +171,22 @@ impl Stream {
         true
     }
 
-    /// Called by the connection task (through the response body) to take the next frame.
-    pub fn poll_next(&self, waker: &Waker) -> Next {
+    /// Called by the stream's writer: moves up to `max` queued frames into `out` (in order), or parks
+    /// `waker` when there are none. Taking a batch lets one `writev` carry a burst of frames.
+    pub fn take_batch(&self, out: &mut Vec<Bytes>, max: usize, waker: &Waker) -> Next {
         let mut state = self.state.lock();
-        if let Some(frame) = state.queue.pop_front() {
-            state.queued_bytes -= frame.len();
-            return Next::Frame(frame);
+        if !state.queue.is_empty() {
+            let state = &mut *state;
+            let n = state.queue.len().min(max);
+            for frame in state.queue.drain(..n) {
+                state.queued_bytes -= frame.len();
+                out.push(frame);
+            }
+            if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_CAPACITY {
+                // A burst grew the ring; an idle stream should not keep paying for it.
+                state.queue = VecDeque::new();
+            }
+            return Next::Frames;
         }
         match state.end {
             None => {
@@ -214,9 +228,7 @@ mod tests {
 
     fn take(s: &Stream) -> Vec<Bytes> {
         let mut out = Vec::new();
-        while let Next::Frame(f) = s.poll_next(Waker::noop()) {
-            out.push(f);
-        }
+        while s.take_batch(&mut out, 1, Waker::noop()) == Next::Frames {}
         out
     }
 
@@ -236,7 +248,7 @@ mod tests {
             Delivery::AlreadyEnded
         );
         assert_eq!(take(&s), vec![frame("a"), frame("b")]);
-        assert!(matches!(s.poll_next(Waker::noop()), Next::Finished));
+        assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Finished);
         assert!(!s.end(EndReason::ClientClosed), "the end is reported once");
     }
 
@@ -252,7 +264,7 @@ mod tests {
             Delivery::Overflowed
         );
         assert_eq!(s.queued_bytes(), 0);
-        assert!(matches!(s.poll_next(Waker::noop()), Next::Aborted));
+        assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Aborted);
         assert!(!s.end(EndReason::ClientClosed));
     }
 
@@ -265,7 +277,7 @@ mod tests {
         s.deliver(Some(&frame("x")), false, 100);
         s.heartbeat();
         assert_eq!(take(&s), vec![frame("x")]);
-        assert!(matches!(s.poll_next(Waker::noop()), Next::Pending));
+        assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Pending);
     }
 
     #[test]

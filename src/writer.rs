@@ -1,0 +1,213 @@
+//! Writer: the task that moves one stream's frames from its queue to its socket, once hyper has
+//! written the response head and let go of the socket (see [`crate::connection`]).
+//!
+//! Owns the body's framing (HTTP/1.1 chunked, or close-delimited for HTTP/1.0), batching (up to
+//! `MAX_BATCH` queued frames go out in one `writev`, as one chunk, with no copy of any frame), the
+//! clean end (`0\r\n\r\n`, then FIN), the abort on overflow (no terminator), and noticing that the
+//! client left (EOF or error on read). The task holds the [`StreamGuard`]; when the task ends, the
+//! guard's drop reports `client_closed` unless the stream had already ended for another reason.
+//! It must not decide when a stream ends; it only carries out what [`crate::stream`] says.
+
+use std::future::Future;
+use std::io::{ErrorKind, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::gateway::StreamGuard;
+use crate::stream::Next;
+
+/// Frames per `writev`: a burst of small events becomes one syscall; 16 + 2 iovecs stays far below
+/// `IOV_MAX` and keeps the batch `Vec` at 512 B while it exists.
+const MAX_BATCH: usize = 16;
+static TERMINATOR: Bytes = Bytes::from_static(b"0\r\n\r\n");
+const CRLF: &[u8] = b"\r\n";
+
+pub struct StreamWriter {
+    socket: TcpStream,
+    guard: StreamGuard,
+    chunked: bool,
+    /// Frames being written; empty when idle (and then unallocated).
+    batch: Vec<Bytes>,
+    /// The chunk-size line of the batch (`<hex>\r\n`), empty for close-delimited bodies.
+    prefix: [u8; 18],
+    prefix_len: u8,
+    suffix: &'static [u8],
+    /// Bytes of prefix + batch + suffix already written.
+    written: usize,
+    finished: bool,
+    /// Held, not read: shutdown waits until every holder (this writer included) is gone.
+    _drain: watch::Receiver<bool>,
+}
+
+impl StreamWriter {
+    pub fn new(
+        socket: TcpStream,
+        guard: StreamGuard,
+        chunked: bool,
+        drain: watch::Receiver<bool>,
+    ) -> StreamWriter {
+        StreamWriter {
+            socket,
+            guard,
+            chunked,
+            batch: Vec::new(),
+            prefix: [0; 18],
+            prefix_len: 0,
+            suffix: b"",
+            written: 0,
+            finished: false,
+            _drain: drain,
+        }
+    }
+
+    fn pending(&self) -> usize {
+        let frames: usize = self.batch.iter().map(Bytes::len).sum();
+        self.prefix_len as usize + frames + self.suffix.len() - self.written
+    }
+
+    /// Frames the batch just taken from the queue.
+    fn frame_batch(&mut self) {
+        let len: usize = self.batch.iter().map(Bytes::len).sum();
+        self.guard
+            .gateway()
+            .metrics
+            .bytes_sent_total
+            .fetch_add(len as u64, Relaxed);
+        if self.chunked {
+            self.prefix_len = write_chunk_size(len, &mut self.prefix);
+            self.suffix = CRLF;
+        } else {
+            self.prefix_len = 0;
+            self.suffix = b"";
+        }
+    }
+
+    fn finish_batch(&mut self) {
+        self.written = 0;
+        self.prefix_len = 0;
+        self.suffix = b"";
+        if self.batch.capacity() > MAX_BATCH {
+            self.batch = Vec::new();
+        } else {
+            self.batch.clear();
+        }
+    }
+
+    /// Reads and discards whatever the client sends; true once it has closed or failed.
+    fn client_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut sink = [0u8; 64];
+        // Bounded, so a client that streams bytes at us cannot keep this task spinning.
+        for _ in 0..16 {
+            match self.socket.poll_read_ready(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(())) => match self.socket.try_read(&mut sink) {
+                    Ok(0) => return true,
+                    Ok(_) => {}
+                    Err(err) if err.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => return true,
+                },
+            }
+        }
+        cx.waker().wake_by_ref();
+        false
+    }
+
+    fn poll_write_batch(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
+        let mut count = 0;
+        let mut skip = self.written;
+        let pieces = std::iter::once(&self.prefix[..self.prefix_len as usize])
+            .chain(self.batch.iter().map(|b| &b[..]))
+            .chain(std::iter::once(self.suffix));
+        for piece in pieces {
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
+            slices[count] = IoSlice::new(&piece[skip..]);
+            skip = 0;
+            count += 1;
+        }
+        Pin::new(&mut self.socket).poll_write_vectored(cx, &slices[..count])
+    }
+}
+
+impl Future for StreamWriter {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.client_gone(cx) {
+            return Poll::Ready(());
+        }
+        loop {
+            if this.pending() == 0 {
+                if this.finished {
+                    let _ = Pin::new(&mut this.socket).poll_shutdown(cx);
+                    return Poll::Ready(());
+                }
+                this.finish_batch();
+                match this
+                    .guard
+                    .stream
+                    .take_batch(&mut this.batch, MAX_BATCH, cx.waker())
+                {
+                    Next::Frames => this.frame_batch(),
+                    Next::Pending => return Poll::Pending,
+                    Next::Finished => {
+                        this.finished = true;
+                        if this.chunked {
+                            this.batch.push(TERMINATOR.clone());
+                        }
+                        continue;
+                    }
+                    // Dropping the socket without the terminator: the client sees a broken body.
+                    Next::Aborted => return Poll::Ready(()),
+                }
+            }
+            match this.poll_write_batch(cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => this.written += n,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// Writes `<len in hex>\r\n` into `out`; returns its length.
+fn write_chunk_size(len: usize, out: &mut [u8; 18]) -> u8 {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = ((usize::BITS - len.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for i in 0..digits {
+        out[digits - 1 - i] = HEX[(len >> (4 * i)) & 0xF];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    (digits + 2) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes_are_lower_hex() {
+        let size = |n| {
+            let mut out = [0; 18];
+            let len = write_chunk_size(n, &mut out) as usize;
+            String::from_utf8(out[..len].to_vec()).unwrap()
+        };
+        assert_eq!(size(1), "1\r\n");
+        assert_eq!(size(15), "f\r\n");
+        assert_eq!(size(16), "10\r\n");
+        assert_eq!(size(0x1_0000), "10000\r\n");
+        assert_eq!(size(usize::MAX), "ffffffffffffffff\r\n");
+    }
+}
