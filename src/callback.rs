@@ -23,9 +23,10 @@ use crate::stream::EndReason;
 use crate::token::Token;
 use crate::{log, log::Level};
 
-/// Callbacks in flight at once, and so the most sockets open to the backend. A burst of 20k
-/// disconnects queues on this instead of opening 20k sockets; 64 keeps a single-threaded backend's
-/// accept queue short while still overlapping round trips.
+/// Callbacks of one action in flight at once; with two actions, at most 128 sockets to the backend.
+/// A burst of 20k disconnects queues on its own bound instead of opening 20k sockets, and never
+/// delays connects (which a browser is waiting on) behind it; 64 overlaps round trips while keeping
+/// a small backend's accept queue short.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// The most of a connect answer's body that is read (it may carry `channels`).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
@@ -45,7 +46,8 @@ pub struct Callbacks {
     url: CallbackUrl,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
-    permits: Semaphore,
+    /// Indexed by [`CallbackAction`].
+    permits: [Semaphore; 2],
     in_flight: AtomicUsize,
     idle: Notify,
     metrics: Arc<Metrics>,
@@ -57,14 +59,14 @@ impl Callbacks {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(MAX_IN_FLIGHT)
+            .pool_max_idle_per_host(2 * MAX_IN_FLIGHT)
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Callbacks {
             url,
             client,
             timeout,
-            permits: Semaphore::new(MAX_IN_FLIGHT),
+            permits: [Semaphore::new(MAX_IN_FLIGHT), Semaphore::new(MAX_IN_FLIGHT)],
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
             metrics,
@@ -124,7 +126,7 @@ impl Callbacks {
 
     async fn post(&self, action: CallbackAction, token: Token, body: Bytes) -> Outcome {
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, self.exchange(body))
+        let outcome = tokio::time::timeout(self.timeout, self.exchange(action, body))
             .await
             .unwrap_or(Outcome::Timeout);
         self.metrics.callback_latency(action, started.elapsed());
@@ -137,8 +139,11 @@ impl Callbacks {
         outcome
     }
 
-    async fn exchange(&self, body: Bytes) -> Outcome {
-        let _permit = self.permits.acquire().await.expect("never closed");
+    async fn exchange(&self, action: CallbackAction, body: Bytes) -> Outcome {
+        let _permit = self.permits[action as usize]
+            .acquire()
+            .await
+            .expect("never closed");
         let request = Request::builder()
             .method(Method::POST)
             .uri(self.url.uri.clone())

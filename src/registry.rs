@@ -39,9 +39,8 @@ pub struct Registry {
     /// Round-robin shard choice for inserts: spreads streams evenly without hashing anything.
     next_shard: AtomicUsize,
     len: AtomicUsize,
-    /// XORed over addresses so tokens do not expose slot numbers (the first stream's token would
-    /// otherwise start `00000000-`); a per-process constant, not a secret the design relies on.
-    address_key: u32,
+    /// Keys of the permutation that hides slot numbers in tokens (see [`AddressCipher`]).
+    cipher: AddressCipher,
 }
 
 impl Default for Registry {
@@ -56,7 +55,7 @@ impl Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
             next_shard: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
-            address_key: Token::random().address(),
+            cipher: AddressCipher::random(),
         }
     }
 
@@ -70,7 +69,9 @@ impl Registry {
         if entry.key() >= MAX_SLOTS {
             return None;
         }
-        let address = ((entry.key() as u32) << SHARD_BITS | shard_index as u32) ^ self.address_key;
+        let address = self
+            .cipher
+            .encrypt((entry.key() as u32) << SHARD_BITS | shard_index as u32);
         let stream = Arc::new(Stream::new(random.with_address(address), request));
         entry.insert(stream.clone());
         drop(shard);
@@ -135,7 +136,7 @@ impl Registry {
     }
 
     fn split(&self, token: Token) -> (usize, usize) {
-        let address = (token.address() ^ self.address_key) as usize;
+        let address = self.cipher.decrypt(token.address()) as usize;
         (address & (SHARDS - 1), address >> SHARD_BITS)
     }
 
@@ -146,6 +147,45 @@ impl Registry {
             all.extend(shard.lock().iter().map(|(_, s)| s.clone()));
         }
         all
+    }
+}
+
+/// A keyed permutation of 32-bit addresses (a 4-round Feistel network over 16-bit halves), so tokens
+/// issued one after another share no visible prefix and do not reveal slot numbers or stream counts.
+/// It is obfuscation, not the tokens' security: that rests on the 90 random bits and the full compare.
+struct AddressCipher {
+    keys: [u32; 4],
+}
+
+impl AddressCipher {
+    fn random() -> AddressCipher {
+        let mut bytes = [0u8; 16];
+        getrandom::getrandom(&mut bytes).expect("the OS CSPRNG is available");
+        let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        AddressCipher {
+            keys: [word(0), word(1), word(2), word(3)],
+        }
+    }
+
+    fn round(half: u32, key: u32) -> u32 {
+        let x = (half ^ key).wrapping_mul(0x9E37_79B1);
+        (x ^ (x >> 15)) & 0xFFFF
+    }
+
+    fn encrypt(&self, address: u32) -> u32 {
+        let (mut left, mut right) = (address >> 16, address & 0xFFFF);
+        for &key in &self.keys {
+            (left, right) = (right, left ^ Self::round(right, key));
+        }
+        left << 16 | right
+    }
+
+    fn decrypt(&self, address: u32) -> u32 {
+        let (mut left, mut right) = (address >> 16, address & 0xFFFF);
+        for &key in self.keys.iter().rev() {
+            (left, right) = (right ^ Self::round(left, key), left);
+        }
+        left << 16 | right
     }
 }
 
@@ -214,6 +254,22 @@ mod tests {
             .collect();
         assert!(again.iter().any(|t| t.address() == first.address()));
         assert!(registry.get(first).is_none());
+    }
+
+    #[test]
+    fn the_address_cipher_is_a_permutation() {
+        let cipher = AddressCipher::random();
+        let mut rng = XorShift(42);
+        for _ in 0..100_000 {
+            let a = rng.next() as u32;
+            assert_eq!(cipher.decrypt(cipher.encrypt(a)), a);
+        }
+        let first: Vec<u32> = (0..64).map(|a| cipher.encrypt(a) >> 16).collect();
+        let distinct: std::collections::HashSet<_> = first.iter().collect();
+        assert!(
+            distinct.len() > 48,
+            "consecutive addresses scatter: {first:?}"
+        );
     }
 
     #[test]
