@@ -1,0 +1,226 @@
+//! Command-line options. Options before or after the scenario name both work (they are global).
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sse-load",
+    version,
+    about = "Load generator and backend double for sse-gateway",
+    long_about = "Load generator and backend double for sse-gateway. It runs the connect/disconnect \
+callback server itself, holds thousands of SSE streams from source addresses 127.0.0.2-254 on one \
+thread, and measures the gateway's memory and CPU from /proc. Prints human-readable results and one \
+`SUMMARY {json}` line. Exit status: 0 ok, 1 a phase missed its deadline, 2 bad usage or start-up, \
+3 the run finished but a check failed (failed connects, lost events, missing disconnects, ...)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Spawn this gateway binary (PORT=0, HOST=127.0.0.1, CALLBACK_URL=<our callback server>).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub gateway_bin: Option<String>,
+    /// Extra env var for the spawned gateway, e.g. HEARTBEAT_INTERVAL_SECONDS=1 (repeatable).
+    #[arg(long, global = true, value_name = "K=V", value_parser = parse_kv)]
+    pub gateway_env: Vec<(String, String)>,
+    /// Write the spawned gateway's stderr to this file (it is drained and scanned for WARN/ERROR anyway).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub gateway_log: Option<String>,
+    /// Attach to a running gateway's public listener instead of spawning one.
+    #[arg(long, global = true, value_name = "http://127.0.0.1:PORT")]
+    pub url: Option<String>,
+    /// The running gateway's internal listener (default: --url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub internal_url: Option<String>,
+    /// Send `Authorization: Bearer <secret>` on /internal/* requests (the gateway's INTERNAL_SECRET).
+    #[arg(long, global = true, value_name = "SECRET")]
+    pub internal_secret: Option<String>,
+    /// The running gateway's pid, for memory and CPU figures (spawned: known).
+    #[arg(long, global = true)]
+    pub pid: Option<u32>,
+    /// Where the callback server listens (attached gateway: point its CALLBACK_URL here) [default: 127.0.0.1:0 when spawning].
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub callback_listen: Option<SocketAddr>,
+    /// Pin the spawned gateway to this CPU (sched_setaffinity before exec).
+    #[arg(long, global = true, value_name = "CPU")]
+    pub server_cpu: Option<usize>,
+    /// Pin this load generator to this CPU.
+    #[arg(long, global = true, value_name = "CPU")]
+    pub load_cpu: Option<usize>,
+    /// Stream opens in flight at once (connect sent, headers not yet read).
+    #[arg(long, global = true, default_value_t = 256)]
+    pub open_concurrency: usize,
+    /// Source addresses to spread streams over, 127.0.0.2 upwards (1..=253).
+    #[arg(long, global = true, default_value_t = 253, value_parser = clap::value_parser!(u32).range(1..=253))]
+    pub sources: u32,
+    /// Path of the stream URL; `?c=<n>` is appended.
+    #[arg(long, global = true, default_value = "/s")]
+    pub path: String,
+    /// Deadline in seconds for each phase that opens streams (a density step, the initial open).
+    #[arg(long, global = true, default_value_t = 120)]
+    pub open_timeout: u64,
+    /// Seconds to wait for the response head of one stream.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub head_timeout: u64,
+    /// Delay every connect-callback answer by this many ms (a slow backend; with `connect-rate
+    /// --abandon-ms` it makes clients leave while their connect callback is in flight).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub callback_delay_ms: u64,
+    /// Seconds to wait for outstanding deliveries and for disconnect callbacks after closing.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Scenario {
+    /// Memory per stream: open streams in steps, measure gateway Pss and kernel TCP memory at each.
+    Density {
+        /// Stream counts to reach, in order.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,18000")]
+        steps: Vec<usize>,
+        /// Seconds to let things settle at each step before measuring.
+        #[arg(long, default_value_t = 3.0)]
+        settle: f64,
+    },
+    /// Sends to random tokens: sends/s, request latency, delivery latency, lost and out-of-order.
+    Unicast {
+        /// Streams to hold.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        streams: usize,
+        /// Concurrent keep-alive connections to /internal/send.
+        #[arg(short = 'c', long, default_value_t = 8)]
+        concurrency: usize,
+        /// Seconds to send for.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Total sends per second (0 = as fast as the gateway answers).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Stop after this many sends.
+        #[arg(long, default_value_t = 10_000_000)]
+        count: u64,
+        /// Extra bytes of padding in each event's data.
+        #[arg(long, default_value_t = 0)]
+        payload_bytes: usize,
+    },
+    /// One event to every stream per round: round time, delivery latency, missing deliveries.
+    Broadcast {
+        /// Streams to hold.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        streams: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+        /// Concurrent senders for per-token sends.
+        #[arg(short = 'c', long, default_value_t = 8)]
+        concurrency: usize,
+        /// One /internal/publish per round instead of one send per token (streams join --channel).
+        #[arg(long)]
+        publish: bool,
+        /// Channel the streams join with --publish.
+        #[arg(long, default_value = "all")]
+        channel: String,
+        /// Pause between rounds, ms.
+        #[arg(long, default_value_t = 500)]
+        interval_ms: u64,
+        /// Deadline for one round's deliveries, seconds.
+        #[arg(long, default_value_t = 30)]
+        round_timeout: u64,
+    },
+    /// Open -> 200 -> close loop: connects/s, time-to-headers, exactly one disconnect per connect.
+    ConnectRate {
+        /// Concurrent connect loops.
+        #[arg(short = 'c', long, default_value_t = 16)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Stop after this many connects.
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Close each connection after this many ms if its head hasn't come (counted as abandoned,
+        /// not failed); with --callback-delay-ms above it, every client leaves mid-callback.
+        #[arg(long)]
+        abandon_ms: Option<u64>,
+    },
+    /// Idle streams: heartbeats per stream and the gateway's CPU.
+    Idle {
+        /// Streams to hold.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        streams: usize,
+        /// Seconds to stay idle.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+        /// The gateway's heartbeat interval in seconds (default: from --gateway-env, else 15).
+        #[arg(long)]
+        heartbeat: Option<f64>,
+    },
+    /// Hold streams open with a control port (GET /tokens, GET /stats) for external senders (k6).
+    Hold {
+        /// Streams to hold.
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        streams: usize,
+        /// Control port address.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        control: SocketAddr,
+        /// Seconds to hold before exiting by itself (SIGINT/SIGTERM end it earlier).
+        #[arg(long, default_value_t = 3600.0)]
+        duration: f64,
+    },
+}
+
+impl Scenario {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::Density { .. } => "density",
+            Scenario::Unicast { .. } => "unicast",
+            Scenario::Broadcast { .. } => "broadcast",
+            Scenario::ConnectRate { .. } => "connect-rate",
+            Scenario::Idle { .. } => "idle",
+            Scenario::Hold { .. } => "hold",
+        }
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("want K=V")?;
+    if k.is_empty() {
+        return Err("empty variable name".into());
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_after_the_scenario() {
+        let cli = Cli::try_parse_from([
+            "sse-load",
+            "density",
+            "--steps",
+            "10,20",
+            "--gateway-bin",
+            "x",
+            "--gateway-env",
+            "A=b=c",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.gateway_env, [("A".to_owned(), "b=c".to_owned())]);
+        assert!(matches!(cli.scenario, Scenario::Density { ref steps, .. } if steps == &[10, 20]));
+    }
+}

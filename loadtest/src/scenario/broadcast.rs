@@ -1,0 +1,224 @@
+//! `broadcast`: one event to every stream per round — N sends by token through C connections now,
+//! one `/internal/publish` to a channel with `--publish` (the backend double then answers connects
+//! with `{"channels":[<channel>]}`). Every payload carries the round number and the round's start
+//! time, so delivery latency is measured from the first request of the round.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::Ctx;
+use crate::hist::{fmt_us, Histogram};
+use crate::report::round;
+use crate::send::{publish_body, send_body};
+use crate::stream::Slot;
+use crate::sys::now_us;
+
+pub struct Opts {
+    pub streams: usize,
+    pub rounds: u64,
+    pub concurrency: usize,
+    pub publish: bool,
+    pub channel: String,
+    pub interval: Duration,
+    pub round_timeout: Duration,
+}
+
+pub async fn run(ctx: &mut Ctx, o: Opts) {
+    let pool = ctx.open_streams(o.streams).await;
+    let open = pool.open_with_token();
+    let n = open.len() as u64;
+    if n == 0 {
+        ctx.report.fail("no open stream with a known token");
+        ctx.close_and_audit(pool).await;
+        return;
+    }
+    let c = o.concurrency.clamp(1, open.len());
+    let shares: Vec<Arc<Vec<Arc<Slot>>>> = (0..c)
+        .map(|k| {
+            Arc::new(
+                open.iter()
+                    .skip(k)
+                    .step_by(c)
+                    .map(|&i| pool.slots[i].clone())
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut senders: Vec<_> = (0..c).map(|_| Some(ctx.sender())).collect();
+    ctx.report.line(format!(
+        "broadcast to {n} streams, {} rounds, {}",
+        o.rounds,
+        if o.publish {
+            format!("one publish to channel {:?} per round", o.channel)
+        } else {
+            format!("{n} sends by token per round over {c} connections")
+        }
+    ));
+    let cpu = ctx.cpu();
+    let mut round_times = Histogram::default();
+    let mut send_times = Histogram::default();
+    let (mut missing_total, mut send_failed, mut rows) = (0u64, 0u64, Vec::new());
+    let sink = ctx.sink.clone();
+    for r in 1..=o.rounds {
+        sink.round_delivered.store(0, Ordering::Relaxed);
+        sink.round_last_us.store(0, Ordering::Relaxed);
+        sink.round.store(r, Ordering::Relaxed);
+        let t0_us = now_us();
+        let t0 = Instant::now();
+        let (accepted, failures) = if o.publish {
+            let mut s = senders[0]
+                .take()
+                .expect("sender is returned after each round");
+            let body = publish_body(&o.channel, "bcast", r, t0_us);
+            let out = match s.post("/internal/publish", &body).await {
+                Ok((200, b)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                    (v["delivered"].as_u64().unwrap_or(0), vec![])
+                }
+                Ok((st, b)) => (
+                    0,
+                    vec![format!(
+                        "publish status {st}: {}",
+                        String::from_utf8_lossy(&b)
+                    )],
+                ),
+                Err(e) => (0, vec![format!("publish: {e}")]),
+            };
+            senders[0] = Some(s);
+            out
+        } else {
+            let mut tasks = Vec::new();
+            for (k, share) in shares.iter().enumerate() {
+                let mut s = senders[k]
+                    .take()
+                    .expect("sender is returned after each round");
+                let share = share.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut ok, mut fails) = (0u64, Vec::new());
+                    for slot in share.iter() {
+                        let token = slot.token.get().expect("open_with_token filtered");
+                        match s
+                            .post("/internal/send", &send_body(token, "bcast", r, t0_us, ""))
+                            .await
+                        {
+                            Ok((200, _)) => ok += 1,
+                            Ok((st, b)) => {
+                                fails.push(format!("status {st}: {}", String::from_utf8_lossy(&b)))
+                            }
+                            Err(e) => fails.push(e),
+                        }
+                    }
+                    (s, ok, fails)
+                }));
+            }
+            let (mut ok, mut fails) = (0, Vec::new());
+            for (k, t) in tasks.into_iter().enumerate() {
+                match t.await {
+                    Ok((s, o, f)) => {
+                        senders[k] = Some(s);
+                        ok += o;
+                        fails.extend(f);
+                    }
+                    Err(e) => {
+                        senders[k] = Some(ctx.sender());
+                        fails.push(format!("sender task: {e}"));
+                    }
+                }
+            }
+            (ok, fails)
+        };
+        let send_us = t0.elapsed().as_micros() as u64;
+        send_times.record(send_us);
+        send_failed += failures.len() as u64;
+        if !failures.is_empty() {
+            ctx.report.line(format!(
+                "  round {r}: {} failed requests, first: {}",
+                failures.len(),
+                failures[0]
+            ));
+        }
+        // Deliveries expected: every stream (publish) or every accepted send.
+        let expected = match (o.publish, failures.is_empty()) {
+            (true, true) => n,
+            (true, false) => 0, // the publish failed: nothing to wait for
+            (false, _) => accepted,
+        };
+        if o.publish && accepted != n {
+            ctx.report.fail(format!(
+                "round {r}: publish answered delivered={accepted}, {n} streams joined"
+            ));
+        }
+        let deadline = t0 + o.round_timeout;
+        while sink.round_delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let delivered = sink.round_delivered.load(Ordering::Relaxed);
+        let last = sink.round_last_us.load(Ordering::Relaxed);
+        let round_us = last.saturating_sub(t0_us);
+        let missing = n.saturating_sub(delivered);
+        missing_total += missing;
+        if delivered < expected {
+            ctx.report.missed(format!(
+                "round {r}: {delivered} of {expected} deliveries after {:?}",
+                o.round_timeout
+            ));
+        }
+        round_times.record(round_us);
+        ctx.report.line(format!(
+            "round {r}: requests done in {}, last delivery after {}, delivered {delivered}/{n}, missing {missing}",
+            fmt_us(send_us),
+            fmt_us(round_us)
+        ));
+        rows.push(json!({"round": r, "send_us": send_us, "round_us": round_us, "delivered": delivered, "missing": missing}));
+        if !ctx.check_alive() {
+            break;
+        }
+        tokio::time::sleep(o.interval).await;
+    }
+    let cpu_s = cpu.elapsed();
+    let delivered = sink.events.load(Ordering::Relaxed);
+    let delivery = sink.latency.lock().unwrap().clone();
+    let ooo = sink.out_of_order.load(Ordering::Relaxed);
+    ctx.report.line(format!(
+        "first request -> last delivery per round: {}",
+        round_times.human()
+    ));
+    ctx.report.line(format!(
+        "delivery latency from round start: {}",
+        delivery.human()
+    ));
+    ctx.report.line(format!(
+        "deliveries {delivered}, missing {missing_total}, out-of-order {ooo}, failed requests {send_failed}"
+    ));
+    if let Some(c) = cpu_s {
+        ctx.report.line(format!(
+            "gateway CPU during rounds: {c:.2} s = {:.1} µs per delivered event",
+            c * 1e6 / delivered.max(1) as f64
+        ));
+    }
+    ctx.report.set(
+        "broadcast",
+        json!({
+            "streams": n, "rounds": o.rounds, "publish": o.publish, "concurrency": c,
+            "round_time": round_times.json(), "request_phase": send_times.json(),
+            "delivery_latency": delivery.json(), "delivered": delivered, "missing": missing_total,
+            "out_of_order": ooo, "failed_requests": send_failed, "per_round": rows,
+            "gateway_cpu_s": cpu_s.map(|c| round(c, 3)),
+            "cpu_us_per_event": cpu_s.map(|c| round(c * 1e6 / delivered.max(1) as f64, 2)),
+        }),
+    );
+    if missing_total > 0 {
+        ctx.report
+            .fail(format!("{missing_total} deliveries missing"));
+    }
+    if send_failed > 0 {
+        ctx.report.fail(format!("{send_failed} requests failed"));
+    }
+    if ooo > 0 {
+        ctx.report.fail(format!("{ooo} out-of-order deliveries"));
+    }
+    ctx.close_and_audit(pool).await;
+}

@@ -1,0 +1,162 @@
+//! A keep-alive HTTP/1.1 client for the gateway's `/internal/*` endpoints: one socket, one request
+//! at a time, reconnecting after any error. A failed request is never retried (a retry could
+//! deliver an event twice): it is reported and the caller counts it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::http::{parse_head, ChunkDecoder};
+
+/// A request with no answer after this is counted as a timeout and its connection dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers from `/internal/*` are small JSON; a bigger one is an error.
+const MAX_ANSWER: usize = 64 * 1024;
+
+pub struct Sender {
+    addr: SocketAddr,
+    auth: Option<String>,
+    sock: Option<TcpStream>,
+    buf: Vec<u8>,
+    req: Vec<u8>,
+}
+
+/// A request's outcome: the status and the body, or a transport failure.
+pub type Answer = Result<(u16, Vec<u8>), String>;
+
+impl Sender {
+    pub fn new(addr: SocketAddr, secret: Option<&str>) -> Self {
+        Sender {
+            addr,
+            auth: secret.map(|s| format!("Authorization: Bearer {s}\r\n")),
+            sock: None,
+            buf: Vec::with_capacity(1024),
+            req: Vec::with_capacity(512),
+        }
+    }
+
+    /// POSTs a JSON body to `path`.
+    pub async fn post(&mut self, path: &str, body: &[u8]) -> Answer {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(path, body)).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => {
+                self.sock = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.sock = None;
+                Err("timeout".into())
+            }
+        }
+    }
+
+    async fn exchange(&mut self, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>), String> {
+        if self.sock.is_none() {
+            let s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {:?}", e.kind()))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            self.sock = Some(s);
+        }
+        self.req.clear();
+        self.req.extend_from_slice(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                self.addr,
+                body.len(),
+                self.auth.as_deref().unwrap_or("")
+            )
+            .as_bytes(),
+        );
+        self.req.extend_from_slice(body);
+        let sock = self.sock.as_mut().expect("connected above");
+        sock.write_all(&self.req).await.map_err(io_err)?;
+        self.buf.clear();
+        let head = loop {
+            if let Some(h) = parse_head(&self.buf)? {
+                break h;
+            }
+            if self.buf.len() > MAX_ANSWER {
+                return Err("answer head too long".into());
+            }
+            read_more(sock, &mut self.buf).await?;
+        };
+        let mut rest = self.buf.split_off(head.len);
+        let body = if head.chunked {
+            let mut dec = ChunkDecoder::default();
+            let mut out = Vec::new();
+            let mut input = std::mem::take(&mut rest);
+            loop {
+                dec.feed(&input, |b| out.extend_from_slice(b))?;
+                if dec.done() {
+                    break out;
+                }
+                if out.len() > MAX_ANSWER {
+                    return Err("answer too long".into());
+                }
+                input.clear();
+                read_more(sock, &mut input).await?;
+            }
+        } else if let Some(len) = head.content_length {
+            if len > MAX_ANSWER {
+                return Err("answer too long".into());
+            }
+            while rest.len() < len {
+                read_more(sock, &mut rest).await?;
+            }
+            rest.truncate(len);
+            rest
+        } else {
+            // No length: the body runs to EOF and the connection can't be reused.
+            head_close_body(sock, rest).await?
+        };
+        if head.close || (!head.chunked && head.content_length.is_none()) {
+            self.sock = None;
+        }
+        Ok((head.status, body))
+    }
+}
+
+async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
+    let mut chunk = [0u8; 4096];
+    let n = sock.read(&mut chunk).await.map_err(io_err)?;
+    if n == 0 {
+        return Err("connection closed by gateway".into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+async fn head_close_body(sock: &mut TcpStream, mut rest: Vec<u8>) -> Result<Vec<u8>, String> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = sock.read(&mut chunk).await.map_err(io_err)?;
+        if n == 0 {
+            return Ok(rest);
+        }
+        if rest.len() > MAX_ANSWER {
+            return Err("answer too long".into());
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn io_err(e: io::Error) -> String {
+    format!("io: {:?}", e.kind())
+}
+
+/// The JSON body of a send to one token: data `"<seq> <ts_us>"` (see `http::parse_payload`).
+pub fn send_body(token: &str, name: &str, seq: u64, ts_us: u64, pad: &str) -> Vec<u8> {
+    format!(r#"{{"token":"{token}","event":{{"name":"{name}","data":"{seq} {ts_us}{pad}"}}}}"#)
+        .into_bytes()
+}
+
+/// The JSON body of a publish to one channel.
+pub fn publish_body(channel: &str, name: &str, seq: u64, ts_us: u64) -> Vec<u8> {
+    serde_json::json!({"channel": channel, "event": {"name": name, "data": format!("{seq} {ts_us}")}})
+        .to_string()
+        .into_bytes()
+}
