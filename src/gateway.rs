@@ -11,15 +11,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::callback::{Callbacks, Outcome};
+use crate::channels::{self, Channels};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::stream::{EndReason, Stream};
+use crate::stream::{Delivery, EndReason, Stream};
 use crate::{log, log::Level};
 
 pub struct Gateway {
     pub config: Config,
     pub registry: Registry,
+    pub channels: Channels,
     pub metrics: Arc<Metrics>,
     pub callbacks: Option<Arc<Callbacks>>,
     draining: AtomicBool,
@@ -35,7 +37,13 @@ pub enum OpenError {
     Callback(Outcome),
     /// The registry had no addressable slot (not reachable below 4 billion streams).
     RegistryFull,
+    /// The backend said 2xx with a `channels` value that is not an array of valid names.
+    InvalidChannels,
 }
+
+/// A frame could not be queued: the stream's queue would have overflowed, so it was ended.
+#[derive(Debug)]
+pub struct Overflowed;
 
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
@@ -50,6 +58,7 @@ impl Gateway {
         Arc::new(Gateway {
             config,
             registry: Registry::new(),
+            channels: Channels::new(),
             metrics,
             callbacks,
             draining: AtomicBool::new(false),
@@ -79,11 +88,26 @@ impl Gateway {
             return Err(OpenError::RegistryFull);
         };
         let gateway = self.clone();
-        let (answer, answered) = tokio::sync::oneshot::channel();
+        let (answer_tx, answered) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let outcome = callbacks.connect(stream.token, &stream.request).await;
             let result = match outcome {
-                Outcome::Accepted(_) => {
+                Outcome::Accepted(answer) => {
+                    let Ok(names) = connect_channels(&answer) else {
+                        log!(
+                            Level::Warn,
+                            "backend returned invalid channels, closing token={}",
+                            stream.token
+                        );
+                        // The backend said 2xx, so it is owed its disconnect.
+                        gateway.end(&stream, EndReason::Error);
+                        gateway.release();
+                        let _ = answer_tx.send(Err(OpenError::InvalidChannels));
+                        return;
+                    };
+                    gateway
+                        .channels
+                        .join(&stream, names.iter().map(String::as_str));
                     gateway
                         .metrics
                         .connections_total
@@ -111,7 +135,7 @@ impl Gateway {
                 }
             };
             // A send error means the client is gone: dropping the guard reports `client_closed`.
-            let _ = answer.send(result);
+            let _ = answer_tx.send(result);
         });
         answered
             .await
@@ -135,6 +159,7 @@ impl Gateway {
     /// from the registry, counts it, and sends the disconnect callback in the background.
     pub fn report_end(&self, stream: &Stream, reason: EndReason) {
         self.registry.remove(stream.token);
+        self.channels.leave_all(stream);
         self.metrics.disconnect(reason);
         log!(
             Level::Info,
@@ -151,6 +176,40 @@ impl Gateway {
                     .disconnect(token, reason, &request)
                     .await;
             });
+        }
+    }
+
+    /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
+    /// end it causes (`server_closed`, or `error` on overflow). `Ok(false)`: the stream had already
+    /// ended and nothing was queued.
+    pub fn deliver(
+        &self,
+        stream: &Stream,
+        frame: Option<&Bytes>,
+        close: bool,
+    ) -> Result<bool, Overflowed> {
+        match stream.deliver(frame, close, self.config.max_queue_bytes) {
+            Delivery::Queued { ended } => {
+                if frame.is_some() {
+                    self.metrics
+                        .events_sent_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if ended {
+                    self.report_end(stream, EndReason::ServerClosed);
+                }
+                Ok(true)
+            }
+            Delivery::AlreadyEnded => Ok(false),
+            Delivery::Overflowed => {
+                log!(
+                    Level::Warn,
+                    "queue overflow, closing stream token={}",
+                    stream.token
+                );
+                self.report_end(stream, EndReason::Error);
+                Err(Overflowed)
+            }
         }
     }
 
@@ -174,6 +233,25 @@ impl Gateway {
     }
 }
 
+/// The channels a 2xx connect answer asks for (PROTOCOL §8): none for an empty or non-JSON body or
+/// an object without `channels`; `Err` for a `channels` value that is not an array of valid names.
+fn connect_channels(answer: &[u8]) -> Result<Vec<String>, ()> {
+    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(answer) else {
+        return Ok(Vec::new());
+    };
+    match object.remove("channels") {
+        None => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                serde_json::Value::String(name) if channels::is_valid_name(&name) => Ok(name),
+                _ => Err(()),
+            })
+            .collect(),
+        Some(_) => Err(()),
+    }
+}
+
 /// Ownership of an accepted stream on the connection side. Whoever holds it (the response body, then
 /// the stream's writer) keeps the stream open; dropping it is "the client side is gone": the stream
 /// ends with `client_closed` unless it had already ended, and its admission slot is given back.
@@ -192,5 +270,35 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.gateway.end(&self.stream, EndReason::ClientClosed);
         self.gateway.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_channels;
+
+    #[test]
+    fn connect_answers_compatible_with_the_original_join_nothing() {
+        for body in [&b""[..], b"OK", b"[1,2]", b"{}", b"{\"ok\":true}", b"null"] {
+            assert_eq!(connect_channels(body), Ok(vec![]), "{body:?}");
+        }
+        assert_eq!(
+            connect_channels(br#"{"channels":["user.42","prices"]}"#),
+            Ok(vec!["user.42".to_string(), "prices".to_string()])
+        );
+        assert_eq!(connect_channels(br#"{"channels":[]}"#), Ok(vec![]));
+    }
+
+    #[test]
+    fn bad_channel_values_are_refused() {
+        for body in [
+            &br#"{"channels":"prices"}"#[..],
+            br#"{"channels":null}"#,
+            br#"{"channels":[1]}"#,
+            br#"{"channels":["a b"]}"#,
+            br#"{"channels":[""]}"#,
+        ] {
+            assert!(connect_channels(body).is_err(), "{body:?}");
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks.
 //! - [`gateway`]: shared state and a stream's life cycle (admission, open, the one end report).
 //! - [`registry`]: the sharded slab of open streams, addressed by token.
+//! - [`channels`]: named channels' members, for one-request fan-out.
 //! - [`token`]: UUID v4 tokens that carry their registry address.
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
@@ -19,6 +20,7 @@
 
 pub mod body;
 pub mod callback;
+pub mod channels;
 pub mod config;
 pub mod connection;
 pub mod frame;

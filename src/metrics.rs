@@ -44,6 +44,8 @@ pub struct Metrics {
     pub events_sent_total: AtomicU64,
     pub bytes_sent_total: AtomicU64,
     pub heartbeats_total: AtomicU64,
+    pub publishes_total: AtomicU64,
+    pub publish_deliveries_total: AtomicU64,
     disconnects: [AtomicU64; 3],
     callback_errors: [AtomicU64; 2],
     callback_latency: [Histogram; 2],
@@ -71,7 +73,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self, connections: usize) -> String {
+    pub fn render(&self, connections: usize, channels: usize) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = write!(
@@ -98,6 +100,20 @@ impl Metrics {
             "sse_gateway_heartbeats_total",
             "Heartbeat frames queued.",
             self.heartbeats_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_publishes_total",
+            "Accepted /internal/publish requests.",
+            self.publishes_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_publish_deliveries_total",
+            "Streams a publish was queued on, summed over publishes.",
+            self.publish_deliveries_total.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP sse_gateway_channels Channels with at least one member.\n# TYPE sse_gateway_channels gauge\nsse_gateway_channels {channels}\n"
         );
         let _ = write!(
             out,
@@ -154,7 +170,7 @@ mod tests {
         m.callback_latency(CallbackAction::Connect, Duration::from_micros(500));
         m.callback_latency(CallbackAction::Connect, Duration::from_millis(30));
         m.callback_latency(CallbackAction::Connect, Duration::from_secs(9));
-        let text = m.render(0);
+        let text = m.render(0, 0);
         assert!(text.contains(
             "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"0.001\"} 1\n"
         ));

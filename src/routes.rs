@@ -19,11 +19,12 @@ use serde_json::{Map, Value};
 
 use crate::body::{ResponseBody, StreamBody};
 use crate::callback::{encode_request, Outcome};
+use crate::channels;
 use crate::connection::Handoff;
 use crate::frame::{self, Event};
-use crate::gateway::{Gateway, OpenError};
+use crate::gateway::{Gateway, OpenError, Overflowed};
 use crate::log::Level;
-use crate::stream::{Delivery, EndReason};
+use crate::stream::Stream;
 use crate::token::Token;
 
 /// Which listener a connection came in on, and so what it may reach.
@@ -107,7 +108,10 @@ impl Routes {
     }
 
     fn metrics(&self) -> Answer {
-        let text = self.gateway.metrics.render(self.gateway.registry.len());
+        let text = self
+            .gateway
+            .metrics
+            .render(self.gateway.registry.len(), self.gateway.channels.len());
         let mut answer = Response::new(ResponseBody::Full(Some(Bytes::from(text))));
         answer.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -156,6 +160,9 @@ impl Routes {
                 status,
                 format!(r#"{{"error":"Backend returned {}"}}"#, status.as_u16()),
             ),
+            Err(OpenError::InvalidChannels) => {
+                error(StatusCode::BAD_GATEWAY, "Backend returned invalid channels")
+            }
             Err(OpenError::Callback(Outcome::Timeout)) => {
                 error(StatusCode::GATEWAY_TIMEOUT, "Gateway timeout")
             }
@@ -171,74 +178,158 @@ impl Routes {
                 return error(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
-        match request.uri().path() {
-            "/internal/send" if request.method() == Method::POST => {
-                let object = match read_object(request, self.gateway.config.max_send_bytes).await {
-                    Ok(object) => object,
-                    Err(answer) => return answer,
-                };
-                self.send(&object)
+        let handler: fn(&Self, &Map<String, Value>) -> Answer = match request.uri().path() {
+            "/internal/send" => Self::send,
+            "/internal/publish" => Self::publish,
+            "/internal/subscribe" => |routes, object| routes.membership(object, Membership::Join),
+            "/internal/unsubscribe" => {
+                |routes, object| routes.membership(object, Membership::Leave)
             }
-            "/internal/send" => method_not_allowed("POST"),
-            _ => not_found(),
+            _ => return not_found(),
+        };
+        if request.method() != Method::POST {
+            return method_not_allowed("POST");
+        }
+        match read_object(request, self.gateway.config.max_send_bytes).await {
+            Ok(object) => handler(&self, &object),
+            Err(answer) => answer,
         }
     }
 
-    /// `POST /internal/send`, after the body was read as a JSON object.
+    /// `POST /internal/send` (PROTOCOL §4), after the body was read as a JSON object.
     fn send(&self, object: &Map<String, Value>) -> Answer {
-        let token = match object.get("token") {
-            Some(Value::String(token)) if !token.is_empty() => token,
-            _ => return invalid("token is required and must be a string"),
+        let token = match parse_token(object) {
+            Ok(token) => token,
+            Err(answer) => return answer,
         };
-        let event = match parse_event(object) {
-            Ok(event) => event,
+        let (event, close) = match parse_event(object).and_then(|e| Ok((e, parse_close(object)?))) {
+            Ok(parsed) => parsed,
             Err(message) => return invalid(message),
         };
-        let close = match parse_close(object) {
-            Ok(close) => close,
-            Err(message) => return invalid(message),
-        };
-        let gateway = &self.gateway;
-        let Some(stream) = Token::parse(token)
-            .and_then(|token| gateway.registry.get(token))
-            .filter(|stream| stream.is_accepted())
-        else {
-            return error(StatusCode::NOT_FOUND, "Token not found");
+        let Some(stream) = self.open_stream_by_token(token) else {
+            return token_not_found();
         };
         let frame = event.as_ref().map(frame::encode);
-        match stream.deliver(frame.as_ref(), close, gateway.config.max_queue_bytes) {
-            Delivery::Queued { ended } => {
-                if frame.is_some() {
-                    gateway
-                        .metrics
-                        .events_sent_total
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+        match self.gateway.deliver(&stream, frame.as_ref(), close) {
+            Ok(true) => {
                 log!(
                     Level::Debug,
                     "send accepted (close={close}) token={}",
                     stream.token
                 );
-                if ended {
-                    gateway.report_end(&stream, EndReason::ServerClosed);
-                }
                 json(StatusCode::OK, r#"{"status":"ok"}"#)
             }
-            Delivery::AlreadyEnded => error(StatusCode::NOT_FOUND, "Token not found"),
-            Delivery::Overflowed => {
-                log!(
-                    Level::Warn,
-                    "queue overflow, closing stream token={}",
-                    stream.token
-                );
-                gateway.report_end(&stream, EndReason::Error);
-                error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Write failed: connection closed",
-                )
-            }
+            Ok(false) => token_not_found(),
+            Err(Overflowed) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Write failed: connection closed",
+            ),
         }
     }
+
+    /// `POST /internal/publish` (PROTOCOL §8): one frame, encoded once, to every member of any
+    /// listed channel, each stream once.
+    fn publish(&self, object: &Map<String, Value>) -> Answer {
+        let names = match (object.get("channel"), object.get("channels")) {
+            (Some(Value::String(name)), None) if channels::is_valid_name(name) => {
+                vec![name.as_str()]
+            }
+            (None, Some(list)) => match parse_channel_names(list) {
+                Some(names) if !names.is_empty() => names,
+                _ => return invalid(PUBLISH_TARGET),
+            },
+            _ => return invalid(PUBLISH_TARGET),
+        };
+        let (event, close) = match parse_event(object).and_then(|e| Ok((e, parse_close(object)?))) {
+            Ok(parsed) => parsed,
+            Err(message) => return invalid(message),
+        };
+        if event.is_none() && !close {
+            return invalid("event or close: true is required");
+        }
+        let gateway = &self.gateway;
+        let frame = event.as_ref().map(frame::encode);
+        let members = gateway.channels.members_of_any(names.iter().copied());
+        let delivered = members
+            .iter()
+            .filter(|stream| matches!(gateway.deliver(stream, frame.as_ref(), close), Ok(true)))
+            .count();
+        gateway
+            .metrics
+            .publishes_total
+            .fetch_add(1, Ordering::Relaxed);
+        gateway
+            .metrics
+            .publish_deliveries_total
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        log!(
+            Level::Debug,
+            "publish to {names:?} delivered to {delivered} of {} streams",
+            members.len()
+        );
+        json_owned(
+            StatusCode::OK,
+            format!(r#"{{"status":"ok","delivered":{delivered}}}"#),
+        )
+    }
+
+    /// `POST /internal/subscribe` and `/internal/unsubscribe` (PROTOCOL §8). Every name is checked
+    /// before the token is looked up, so a request with one bad name changes nothing.
+    fn membership(&self, object: &Map<String, Value>, change: Membership) -> Answer {
+        let token = match parse_token(object) {
+            Ok(token) => token,
+            Err(answer) => return answer,
+        };
+        let Some(names) = object.get("channels").and_then(parse_channel_names) else {
+            return invalid(CHANNEL_LIST);
+        };
+        let Some(stream) = self.open_stream_by_token(token) else {
+            return token_not_found();
+        };
+        let channels = &self.gateway.channels;
+        match change {
+            Membership::Join => channels.join(&stream, names),
+            Membership::Leave => channels.leave(&stream, names),
+        }
+        json(StatusCode::OK, r#"{"status":"ok"}"#)
+    }
+
+    /// The open stream a token names: registered and accepted by its connect callback.
+    fn open_stream_by_token(&self, token: &str) -> Option<Arc<Stream>> {
+        Token::parse(token)
+            .and_then(|token| self.gateway.registry.get(token))
+            .filter(|stream| stream.is_accepted())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Membership {
+    Join,
+    Leave,
+}
+
+const PUBLISH_TARGET: &str = "exactly one of channel (a channel name) or channels (a non-empty array of channel names) is required; a channel name is 1-256 visible ASCII characters";
+const CHANNEL_LIST: &str =
+    "channels must be an array of channel names (1-256 visible ASCII characters)";
+
+fn parse_token(object: &Map<String, Value>) -> Result<&str, Answer> {
+    match object.get("token") {
+        Some(Value::String(token)) if !token.is_empty() => Ok(token),
+        _ => Err(invalid("token is required and must be a string")),
+    }
+}
+
+/// An array of valid channel names, or `None`.
+fn parse_channel_names(value: &Value) -> Option<Vec<&str>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|item| item.as_str().filter(|name| channels::is_valid_name(name)))
+        .collect()
+}
+
+fn token_not_found() -> Answer {
+    error(StatusCode::NOT_FOUND, "Token not found")
 }
 
 /// Validates `event` as PROTOCOL §4 orders its checks; `None` when there is no `event` key.

@@ -13,6 +13,7 @@ use std::task::Waker;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use crate::channels::Membership;
 use crate::frame;
 use crate::token::Token;
 
@@ -51,6 +52,8 @@ pub struct Stream {
     /// Set once the connect callback answered 2xx; until then the token is reserved but not open.
     accepted: AtomicBool,
     state: Mutex<State>,
+    /// Channels this stream is in; owned by [`crate::channels`], locked before any channel shard.
+    pub(crate) memberships: Mutex<Vec<Membership>>,
 }
 
 #[derive(Default)]
@@ -97,11 +100,16 @@ impl Stream {
             request,
             accepted: AtomicBool::new(false),
             state: Mutex::new(State::default()),
+            memberships: Mutex::new(Vec::new()),
         }
     }
 
     pub fn accept(&self) {
         self.accepted.store(true, Ordering::SeqCst);
+    }
+
+    pub fn has_ended(&self) -> bool {
+        self.state.lock().end.is_some()
     }
 
     /// Whether the stream is open to sends (its connect callback answered 2xx).

@@ -1,0 +1,262 @@
+//! Channels: which open streams are in which named channel (PROTOCOL §8), for one-request fan-out.
+//!
+//! Owns membership only: a sharded map from channel name to a slab of member streams, and on each
+//! stream the list of (channel, slot) it holds, so joining and leaving are a hash lookup plus a slab
+//! insert/remove, and a disconnect leaves every channel of the stream without searching any of them.
+//! A channel exists only while it has members: the last leave removes it, so churn leaves nothing.
+//! It does not queue frames or end streams: a publish takes a snapshot of the members here and
+//! delivers outside every lock, so a fan-out to 18k streams holds one channel shard's lock only for
+//! the copy of 18k pointers (measured in BENCHMARKS.md), never across the deliveries.
+//!
+//! Lock order: a stream's membership lock, then a channel shard's lock; never the reverse.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::stream::Stream;
+
+const SHARDS: usize = 64;
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// A channel name is 1–256 bytes of visible ASCII (`!`–`~`), matched exactly.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=MAX_NAME_BYTES).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// One (stream, channel) membership, kept on the stream so leaving is O(1).
+pub struct Membership {
+    channel: Arc<str>,
+    slot: usize,
+}
+
+type Shard = HashMap<Arc<str>, Slab<Arc<Stream>>>;
+
+pub struct Channels {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    count: AtomicUsize,
+}
+
+impl Default for Channels {
+    fn default() -> Self {
+        Channels::new()
+    }
+}
+
+impl Channels {
+    pub fn new() -> Channels {
+        Channels {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, name: &str) -> &Mutex<Shard> {
+        &self.shards[self.hasher.hash_one(name) as usize % SHARDS]
+    }
+
+    /// Channels that have at least one member.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds `stream` to each named channel it is not in yet. A stream that has ended joins nothing.
+    pub fn join<'a>(&self, stream: &Arc<Stream>, names: impl IntoIterator<Item = &'a str>) {
+        let mut memberships = stream.memberships.lock();
+        if stream.has_ended() {
+            return;
+        }
+        for name in names {
+            if memberships.iter().any(|m| &*m.channel == name) {
+                continue;
+            }
+            let mut shard = self.shard(name).lock();
+            let channel = match shard.get_key_value(name) {
+                Some((key, _)) => key.clone(),
+                None => {
+                    let key: Arc<str> = Arc::from(name);
+                    shard.insert(key.clone(), Slab::new());
+                    self.count.fetch_add(1, Ordering::Relaxed);
+                    key
+                }
+            };
+            let members = shard
+                .get_mut(name)
+                .expect("present: found or inserted above");
+            let slot = members.insert(stream.clone());
+            memberships.push(Membership { channel, slot });
+        }
+    }
+
+    /// Removes `stream` from each named channel it is in.
+    pub fn leave<'a>(&self, stream: &Stream, names: impl IntoIterator<Item = &'a str>) {
+        let mut memberships = stream.memberships.lock();
+        for name in names {
+            if let Some(i) = memberships.iter().position(|m| &*m.channel == name) {
+                let membership = memberships.swap_remove(i);
+                self.remove(&membership);
+            }
+        }
+    }
+
+    /// Removes `stream` from every channel (at its end).
+    pub fn leave_all(&self, stream: &Stream) {
+        let memberships = std::mem::take(&mut *stream.memberships.lock());
+        for membership in &memberships {
+            self.remove(membership);
+        }
+    }
+
+    fn remove(&self, membership: &Membership) {
+        let mut shard = self.shard(&membership.channel).lock();
+        if let Some(members) = shard.get_mut(&*membership.channel) {
+            members.try_remove(membership.slot);
+            if members.is_empty() {
+                shard.remove(&*membership.channel);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Appends the members of `name` to `out`. The shard lock is held only for this copy.
+    pub fn members(&self, name: &str, out: &mut Vec<Arc<Stream>>) {
+        let shard = self.shard(name).lock();
+        if let Some(members) = shard.get(name) {
+            out.reserve(members.len());
+            out.extend(members.iter().map(|(_, s)| s.clone()));
+        }
+    }
+
+    /// Members of any of `names`, each stream once.
+    pub fn members_of_any<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Vec<Arc<Stream>> {
+        let mut out = Vec::new();
+        let mut listed = 0;
+        for name in names {
+            self.members(name, &mut out);
+            listed += 1;
+        }
+        if listed > 1 {
+            out.sort_unstable_by_key(|s| Arc::as_ptr(s));
+            out.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+        out
+    }
+
+    /// Channel names `stream` is in (for tests and debugging).
+    pub fn channels_of(&self, stream: &Stream) -> Vec<String> {
+        let memberships = stream.memberships.lock();
+        memberships.iter().map(|m| m.channel.to_string()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Token;
+    use bytes::Bytes;
+    use std::collections::{BTreeSet, HashMap as Map};
+
+    fn stream() -> Arc<Stream> {
+        Arc::new(Stream::new(Token::random(), Bytes::new()))
+    }
+
+    #[test]
+    fn names_are_visible_ascii_of_bounded_length() {
+        assert!(is_valid_name("prices"));
+        assert!(is_valid_name("user.42:!~"));
+        assert!(is_valid_name(&"x".repeat(256)));
+        assert!(!is_valid_name(""));
+        assert!(!is_valid_name(&"x".repeat(257)));
+        assert!(!is_valid_name("a b"));
+        assert!(!is_valid_name("caf\u{e9}"));
+        assert!(!is_valid_name("tab\t"));
+    }
+
+    /// Random joins, leaves and ends against a naive map of sets.
+    #[test]
+    fn agrees_with_a_naive_model_and_leaves_nothing_behind() {
+        let channels = Channels::new();
+        let streams: Vec<_> = (0..50).map(|_| stream()).collect();
+        let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        let mut model: Map<String, BTreeSet<usize>> = Map::new();
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as usize
+        };
+        for _ in 0..100_000 {
+            let s = next() % streams.len();
+            let c = &names[next() % names.len()];
+            match next() % 5 {
+                0 | 1 => {
+                    channels.join(&streams[s], [c.as_str()]);
+                    model.entry(c.clone()).or_default().insert(s);
+                }
+                2 | 3 => {
+                    channels.leave(&streams[s], [c.as_str()]);
+                    if let Some(set) = model.get_mut(c) {
+                        set.remove(&s);
+                    }
+                }
+                _ => {
+                    channels.leave_all(&streams[s]);
+                    model.values_mut().for_each(|set| {
+                        set.remove(&s);
+                    });
+                }
+            }
+            model.retain(|_, set| !set.is_empty());
+            assert_eq!(channels.len(), model.len());
+        }
+        for name in &names {
+            let mut got: Vec<usize> = Vec::new();
+            let mut members = Vec::new();
+            channels.members(name, &mut members);
+            for m in members {
+                got.push(streams.iter().position(|s| Arc::ptr_eq(s, &m)).unwrap());
+            }
+            got.sort();
+            let want: Vec<usize> = model
+                .get(name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            assert_eq!(got, want, "{name}");
+        }
+        streams.iter().for_each(|s| channels.leave_all(s));
+        assert_eq!(channels.len(), 0);
+        assert!(channels.shards.iter().all(|s| s.lock().is_empty()));
+    }
+
+    #[test]
+    fn a_stream_in_several_listed_channels_is_listed_once() {
+        let channels = Channels::new();
+        let (a, b) = (stream(), stream());
+        channels.join(&a, ["x", "y", "x"]);
+        channels.join(&b, ["y"]);
+        assert_eq!(channels.channels_of(&a), vec!["x", "y"]);
+        assert_eq!(channels.members_of_any(["x", "y"]).len(), 2);
+        assert_eq!(channels.members_of_any(["x", "x"]).len(), 1);
+        assert_eq!(channels.members_of_any(["nobody"]).len(), 0);
+    }
+
+    #[test]
+    fn an_ended_stream_joins_nothing() {
+        let channels = Channels::new();
+        let s = stream();
+        s.end(crate::stream::EndReason::ClientClosed);
+        channels.join(&s, ["x"]);
+        assert!(channels.is_empty());
+    }
+}
