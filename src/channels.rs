@@ -146,7 +146,7 @@ impl Channels {
             listed += 1;
         }
         if listed > 1 {
-            out.sort_unstable_by_key(|s| Arc::as_ptr(s));
+            out.sort_unstable_by_key(Arc::as_ptr);
             out.dedup_by(|a, b| Arc::ptr_eq(a, b));
         }
         out

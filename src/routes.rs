@@ -200,7 +200,7 @@ impl Routes {
     fn send(&self, object: &Map<String, Value>) -> Answer {
         let token = match parse_token(object) {
             Ok(token) => token,
-            Err(answer) => return answer,
+            Err(message) => return invalid(message),
         };
         let (event, close) = match parse_event(object).and_then(|e| Ok((e, parse_close(object)?))) {
             Ok(parsed) => parsed,
@@ -278,7 +278,7 @@ impl Routes {
     fn membership(&self, object: &Map<String, Value>, change: Membership) -> Answer {
         let token = match parse_token(object) {
             Ok(token) => token,
-            Err(answer) => return answer,
+            Err(message) => return invalid(message),
         };
         let Some(names) = object.get("channels").and_then(parse_channel_names) else {
             return invalid(CHANNEL_LIST);
@@ -312,10 +312,10 @@ const PUBLISH_TARGET: &str = "exactly one of channel (a channel name) or channel
 const CHANNEL_LIST: &str =
     "channels must be an array of channel names (1-256 visible ASCII characters)";
 
-fn parse_token(object: &Map<String, Value>) -> Result<&str, Answer> {
+fn parse_token(object: &Map<String, Value>) -> Result<&str, &'static str> {
     match object.get("token") {
         Some(Value::String(token)) if !token.is_empty() => Ok(token),
-        _ => Err(invalid("token is required and must be a string")),
+        _ => Err("token is required and must be a string"),
     }
 }
 
