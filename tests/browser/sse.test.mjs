@@ -1,0 +1,469 @@
+// What a real browser sees: headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core;
+// never a downloaded browser) against the real sse-gateway binary on 127.0.0.1, with a backend
+// double in this process. Run: `cargo build --bin sse-gateway && node --test tests/browser/`
+// (after `npm ci --prefix tests/browser`). SSE_GATEWAY_BIN and CHROMIUM_PATH override the paths.
+//
+// Pages must share the gateway's origin (the gateway sends no CORS headers), so every page here is
+// the gateway's own demo page, `/_demo/?autoconnect=0` (demo mode with CALLBACK_URL pointing at the
+// double below), and scripts open their EventSources from it. Every wait is bounded; no bare sleeps.
+
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { EventEmitter, once } from "node:events";
+import { mkdir, mkdtemp, rm, stat } from "node:fs/promises";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import readline from "node:readline";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(ROOT, "target/debug/sse-gateway");
+const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
+const SCREENSHOT = path.join(ROOT, "target/browser/demo-page.png");
+const SOON = 10_000;
+/// Host names that Chromium resolves to 127.0.0.1 (--host-resolver-rules), one origin each, so that
+/// 200 streams are not capped by HTTP/1.1's six connections per origin.
+const MANY_HOSTS = "sse.test";
+const FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  `--host-resolver-rules=MAP *.${MANY_HOSTS} 127.0.0.1`,
+];
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+/** Resolves `promise`, or rejects after `ms` saying what was awaited. */
+function within(ms, what, promise) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** The callback side: records every callback; refuses connects to /t/refuse* with 401. */
+class Backend extends EventEmitter {
+  callbacks = [];
+
+  async start() {
+    this.server = http.createServer((req, res) => {
+      const chunks = [];
+      req.on("data", (c) => chunks.push(c));
+      req.on("end", () => {
+        const callback = JSON.parse(Buffer.concat(chunks).toString("utf8"));
+        callback.at = performance.now();
+        this.callbacks.push(callback);
+        this.emit("callback", callback);
+        const refuse = callback.action === "connect" && callback.request.url.startsWith("/t/refuse");
+        res.writeHead(refuse ? 401 : 200, { "content-type": "application/json" });
+        res.end(refuse ? '{"error":"not you"}' : "{}");
+      });
+    });
+    this.server.listen(0, "127.0.0.1");
+    await once(this.server, "listening");
+    this.url = `http://127.0.0.1:${this.server.address().port}/sse-callback`;
+  }
+
+  matching(pred) {
+    return this.callbacks.filter(pred);
+  }
+
+  /** Waits until `count` callbacks match `pred`; returns them. */
+  async waitFor(what, pred, count = 1, ms = SOON) {
+    if (this.matching(pred).length >= count) return this.matching(pred);
+    return within(ms, what, new Promise((resolve) => {
+      const check = () => {
+        const found = this.matching(pred);
+        if (found.length >= count) {
+          this.off("callback", check);
+          resolve(found);
+        }
+      };
+      this.on("callback", check);
+    }));
+  }
+
+  connect(url, n = 1) {
+    return this.waitFor(`connect #${n} of ${url}`, (c) => c.action === "connect" && c.request.url === url, n)
+      .then((found) => found[n - 1]);
+  }
+
+  async stop() {
+    this.server.closeAllConnections();
+    this.server.close();
+  }
+}
+
+/** The real gateway binary on 127.0.0.1 with PORT=0; `args` e.g. ["demo"]. */
+async function startGateway(args, env) {
+  await stat(BIN).catch(() => {
+    throw new Error(`${BIN} is missing: run \`cargo build --bin sse-gateway\` first`);
+  });
+  const child = spawn(BIN, args, {
+    env: { PATH: process.env.PATH, HOST: "127.0.0.1", PORT: "0", ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const log = [];
+  const lines = readline.createInterface({ input: child.stderr });
+  const address = within(SOON, "the gateway's listener line", new Promise((resolve, reject) => {
+    lines.on("line", (line) => {
+      log.push(line);
+      const m = /public listener on http:\/\/(\S+)/.exec(line);
+      if (m) resolve(m[1]);
+    });
+    child.once("exit", (code) => reject(new Error(`gateway exited (${code}): ${log.join("\n")}`)));
+  }));
+  const addr = await address;
+  return {
+    origin: `http://${addr}`,
+    port: Number(addr.split(":").pop()),
+    log,
+    async post(route, body) {
+      const answer = await fetch(this.origin + route, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      return { status: answer.status, body: await answer.json() };
+    },
+    async stop() {
+      if (child.exitCode !== null) return;
+      const exited = once(child, "exit");
+      child.kill("SIGTERM");
+      await within(SOON, "the gateway to exit", exited).catch(() => child.kill("SIGKILL"));
+    },
+  };
+}
+
+let context;
+let userDataDir;
+
+before(async () => {
+  userDataDir = await mkdtemp(path.join(tmpdir(), "sse-gateway-chromium-"));
+  // launchPersistentContext passes --user-data-dir: a fresh profile per run.
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: FLAGS,
+    viewport: { width: 1200, height: 900 },
+  });
+});
+
+after(async () => {
+  await context?.close();
+  if (userDataDir) await rm(userDataDir, { recursive: true, force: true });
+});
+
+/** A page at the gateway's origin, with an EventSource on `url` whose every callback is recorded. */
+async function pageWithSource(gw, url, names = []) {
+  const page = await context.newPage();
+  await page.goto(`${gw.origin}/_demo/?autoconnect=0`);
+  await page.evaluate(({ url, names }) => {
+    const seen = (window.seen = []);
+    const es = (window.es = new EventSource(url));
+    const t = () => performance.now();
+    es.onopen = () => seen.push({ kind: "open", readyState: es.readyState, at: t() });
+    es.onerror = () => seen.push({ kind: "error", readyState: es.readyState, at: t() });
+    es.onmessage = (e) => seen.push({ kind: "message", type: e.type, data: e.data, lastEventId: e.lastEventId });
+    for (const name of names) {
+      es.addEventListener(name, (e) =>
+        seen.push({ kind: "named", type: e.type, data: e.data, lastEventId: e.lastEventId }));
+    }
+  }, { url, names });
+  return page;
+}
+
+/** Waits until the page has recorded something matching `pred` (a function source over `seen`). */
+async function waitSeen(page, what, pred, arg) {
+  await within(SOON + 1000, what, page.waitForFunction(
+    ({ pred, arg }) => new Function("seen", "arg", `return (${pred})(seen, arg)`)(window.seen, arg),
+    { pred: pred.toString(), arg },
+    { timeout: SOON, polling: 25 },
+  ));
+  return page.evaluate(() => window.seen);
+}
+
+const events = (seen) => seen.filter((s) => s.kind === "message" || s.kind === "named");
+
+describe("a browser against the gateway", () => {
+  const backend = new Backend();
+  let gw;
+
+  before(async () => {
+    await backend.start();
+    gw = await startGateway(["demo"], { CALLBACK_URL: backend.url, HEARTBEAT_INTERVAL_SECONDS: "1" });
+  });
+
+  after(async () => {
+    await gw?.stop();
+    await backend.stop();
+  });
+
+  test("onmessage gets unnamed events, addEventListener named ones, data as logical lines; heartbeats stay invisible", async () => {
+    const url = "/t/basic";
+    const page = await context.newPage();
+    // Watch the EventSource's bytes at the network layer, to prove heartbeats reached this page.
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("Network.enable");
+    let requestId;
+    const chunks = [];
+    cdp.on("Network.requestWillBeSent", (e) => {
+      if (e.type === "EventSource" && e.request.url.endsWith(url)) requestId = e.requestId;
+    });
+    cdp.on("Network.dataReceived", (e) => {
+      if (e.requestId === requestId) chunks.push(e.dataLength);
+    });
+    await page.goto(`${gw.origin}/_demo/?autoconnect=0`);
+    await page.evaluate(({ url }) => {
+      const seen = (window.seen = []);
+      const es = (window.es = new EventSource(url));
+      es.onopen = () => seen.push({ kind: "open" });
+      es.onerror = () => seen.push({ kind: "error", readyState: es.readyState });
+      es.onmessage = (e) => seen.push({ kind: "message", type: e.type, data: e.data, lastEventId: e.lastEventId });
+      for (const name of ["x", "heartbeat", "comment"]) {
+        es.addEventListener(name, (e) => seen.push({ kind: "named", type: e.type, data: e.data, lastEventId: e.lastEventId }));
+      }
+    }, { url });
+    const { token } = await backend.connect(url);
+    await waitSeen(page, "open", (seen) => seen.some((s) => s.kind === "open"));
+
+    // Two heartbeats (": heartbeat\n\n", 13 bytes each) arrive at the browser, and nothing fires.
+    await within(SOON, "two heartbeats at the browser", new Promise((resolve) => {
+      const poll = setInterval(() => {
+        if (chunks.filter((n) => n === 13).length >= 2) {
+          clearInterval(poll);
+          resolve();
+        }
+      }, 25);
+    }));
+    assert.deepEqual(await page.evaluate(() => window.seen), [{ kind: "open" }]);
+
+    const sends = [
+      { data: "plain" },
+      { name: "x", data: "named" },
+      { data: "line 1\nline 2\nline 3" },
+      { name: "x", data: "crlf 1\r\ncrlf 2\rcr 3" },
+      { data: "" },
+      { data: "  keeps leading spaces: and colons" },
+      { name: "x", data: "end", id: "m-1" },
+    ];
+    for (const event of sends) {
+      const answer = await gw.post("/internal/send", { token, event });
+      assert.deepEqual(answer, { status: 200, body: { status: "ok" } });
+    }
+    const seen = await waitSeen(page, "the last event", (seen) => seen.some((s) => s.data === "end"));
+    assert.deepEqual(events(seen), [
+      { kind: "message", type: "message", data: "plain", lastEventId: "" },
+      { kind: "named", type: "x", data: "named", lastEventId: "" },
+      { kind: "message", type: "message", data: "line 1\nline 2\nline 3", lastEventId: "" },
+      { kind: "named", type: "x", data: "crlf 1\ncrlf 2\ncr 3", lastEventId: "" },
+      { kind: "message", type: "message", data: "", lastEventId: "" },
+      { kind: "message", type: "message", data: "  keeps leading spaces: and colons", lastEventId: "" },
+      { kind: "named", type: "x", data: "end", lastEventId: "m-1" },
+    ]);
+    assert.ok(!seen.some((s) => s.kind === "error"), JSON.stringify(seen));
+    assert.equal(await page.evaluate(() => window.es.readyState), 1);
+    await page.close();
+  });
+
+  test("lastEventId follows id; after close: true the browser reconnects after retry ms with Last-Event-ID", async () => {
+    const url = "/t/retry";
+    const page = await pageWithSource(gw, url);
+    const first = await backend.connect(url);
+    assert.equal(first.request.headers["last-event-id"], undefined);
+    await waitSeen(page, "open", (seen) => seen.some((s) => s.kind === "open"));
+
+    const retryMs = 400;
+    let answer = await gw.post("/internal/send", { token: first.token, event: { data: "first", id: "41", retry: retryMs } });
+    assert.equal(answer.status, 200);
+    answer = await gw.post("/internal/send", { token: first.token, event: { data: "no id here" } });
+    assert.equal(answer.status, 200);
+    answer = await gw.post("/internal/send", { token: first.token, event: { data: "bye", id: "42" }, close: true });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok" } });
+
+    const second = await backend.connect(url, 2);
+    assert.equal(second.request.headers["last-event-id"], "42");
+    assert.notEqual(second.token, first.token);
+    const closed = await backend.waitFor("the first token's disconnect", (c) => c.action === "disconnect" && c.token === first.token);
+    assert.equal(closed[0].reason, "server_closed");
+
+    let seen = await waitSeen(page, "the second open", (seen) => seen.filter((s) => s.kind === "open").length === 2);
+    assert.deepEqual(events(seen).map((e) => [e.data, e.lastEventId]), [
+      ["first", "41"],
+      ["no id here", "41"],
+      ["bye", "42"],
+    ]);
+    // The stream's end is an error event with readyState CONNECTING (0): the browser will retry.
+    const error = seen.find((s) => s.kind === "error");
+    assert.equal(error.readyState, 0);
+    const reopened = seen.filter((s) => s.kind === "open")[1];
+    const waited = reopened.at - error.at;
+    // Chromium's own default is 3000 ms; the retry field made it about 400 ms.
+    assert.ok(waited >= retryMs * 0.9 && waited < 2500, `reconnected after ${waited} ms`);
+
+    answer = await gw.post("/internal/send", { token: second.token, event: { data: "after the reconnect" } });
+    assert.equal(answer.status, 200);
+    seen = await waitSeen(page, "an event on the new stream", (seen) => seen.some((s) => s.data === "after the reconnect"));
+    assert.equal(events(seen).at(-1).lastEventId, "42");
+    assert.equal(await page.evaluate(() => window.es.readyState), 1);
+    await page.close();
+  });
+
+  test("a refused connect (backend 401) leaves the EventSource closed (readyState 2)", async () => {
+    const url = "/t/refuse";
+    const page = await pageWithSource(gw, url);
+    const refused = await backend.connect(url);
+    const seen = await waitSeen(page, "the error event", (seen) => seen.some((s) => s.kind === "error"));
+    assert.deepEqual(seen, [{ kind: "error", readyState: 2, at: seen[0].at }]);
+    assert.equal(await page.evaluate(() => window.es.readyState), 2);
+    // The refused token is not open and gets no disconnect callback.
+    const answer = await gw.post("/internal/send", { token: refused.token, event: { data: "x" } });
+    assert.deepEqual(answer, { status: 404, body: { error: "Token not found" } });
+    assert.equal(backend.matching((c) => c.token === refused.token).length, 1);
+    await page.close();
+  });
+
+  test("200 EventSources in one page, over 40 origins, each get their own events", async () => {
+    const frames = 40;
+    const perFrame = 5; // under HTTP/1.1's 6 connections per origin
+    const page = await context.newPage();
+    await page.goto(`${gw.origin}/_demo/?autoconnect=0`);
+    await page.evaluate(({ frames, hosts, port }) => Promise.all(Array.from({ length: frames }, (_, i) =>
+      new Promise((resolve) => {
+        const frame = document.createElement("iframe");
+        frame.name = `f${i}`;
+        frame.width = frame.height = "50";
+        frame.onload = resolve;
+        frame.src = `http://o${i}.${hosts}:${port}/_demo/?autoconnect=0`;
+        document.body.append(frame);
+      }))), { frames, hosts: MANY_HOSTS, port: gw.port });
+    const byName = new Map(page.frames().map((f) => [f.name(), f]));
+    for (let i = 0; i < frames; i++) {
+      const frame = byName.get(`f${i}`);
+      assert.ok(frame && frame.url().startsWith(`http://o${i}.${MANY_HOSTS}:`), `frame ${i}`);
+      await frame.evaluate(({ i, perFrame }) => {
+        window.got = Array.from({ length: perFrame }, () => []);
+        window.sources = window.got.map((got, j) => {
+          const es = new EventSource(`/t/many/${i}/${j}`);
+          es.onmessage = (e) => got.push(e.data);
+          return es;
+        });
+      }, { i, perFrame });
+    }
+
+    const total = frames * perFrame;
+    const connects = await backend.waitFor(`${total} connects`, (c) => c.action === "connect" && c.request.url.startsWith("/t/many/"), total, 30_000);
+    assert.equal(connects.length, total);
+    // Each stream gets an event naming its own URL; nothing else.
+    const queue = [...connects];
+    await Promise.all(Array.from({ length: 16 }, async () => {
+      for (let c = queue.shift(); c; c = queue.shift()) {
+        const answer = await gw.post("/internal/send", { token: c.token, event: { data: `for ${c.request.url}` } });
+        assert.equal(answer.status, 200, c.request.url);
+      }
+    }));
+    for (let i = 0; i < frames; i++) {
+      const frame = byName.get(`f${i}`);
+      await within(SOON + 1000, `frame ${i}'s events`, frame.waitForFunction(
+        () => window.got.every((g) => g.length >= 1), null, { timeout: SOON, polling: 25 }));
+      const got = await frame.evaluate(() => window.got);
+      assert.deepEqual(got, Array.from({ length: perFrame }, (_, j) => [`for /t/many/${i}/${j}`]));
+      assert.deepEqual(await frame.evaluate(() => window.sources.map((s) => s.readyState)), Array(perFrame).fill(1));
+    }
+    const origins = new Set(connects.map((c) => c.request.headers.host.split(":")[0]));
+    assert.equal(origins.size, frames);
+    await page.close();
+  });
+});
+
+describe("the demo page", () => {
+  let gw;
+
+  before(async () => {
+    // Demo mode as a newcomer runs it: the built-in backend, no CALLBACK_URL.
+    gw = await startGateway(["demo"], {});
+  });
+
+  after(async () => {
+    await gw?.stop();
+  });
+
+  test("shows its stream, sends to itself and publishes to channel demo; screenshot in target/browser/", async () => {
+    const other = await context.newPage();
+    await other.goto(`${gw.origin}/_demo/`);
+    const page = await context.newPage();
+    await page.goto(`${gw.origin}/_demo/`);
+    for (const p of [page, other]) {
+      await p.waitForSelector('#state[data-state="open"]', { timeout: SOON });
+      await p.waitForFunction((uuid) => new RegExp(uuid).test(document.getElementById("token").textContent),
+        UUID.source, { timeout: SOON });
+    }
+    const token = await page.textContent("#token");
+    assert.notEqual(token, await other.textContent("#token"));
+
+    // A named, multi-line event with an id, to this page only.
+    await page.fill("#f-name", "greeting");
+    await page.fill("#f-id", "demo-1");
+    await page.fill("#f-data", "Hello from Chromium\nsecond line");
+    await page.click("#send-me");
+    await page.waitForSelector('#answer[data-status="200"]', { timeout: SOON });
+    assert.match(await page.textContent("#answer"), /^200 \{"status":"ok"\}/);
+    assert.equal(JSON.parse((await page.textContent("#request")).split("\n").slice(1).join("\n")).token, token);
+    const first = page.locator("#log li.event").first();
+    await first.waitFor({ timeout: SOON });
+    assert.equal(await first.getAttribute("data-type"), "greeting");
+    assert.equal(await first.locator("pre.data").textContent(), "Hello from Chromium\nsecond line");
+    assert.equal(await page.textContent("#last-event-id"), "demo-1");
+
+    // A name the page had no listener for: sending it adds one.
+    await page.fill("#f-name", "custom-name");
+    await page.fill("#f-id", "");
+    await page.fill("#f-data", "seen through a listener the form added");
+    await page.click("#send-me");
+    await page.waitForSelector('#answer[data-status="200"]', { timeout: SOON });
+    await page.waitForSelector('#log li.event[data-type="custom-name"]', { timeout: SOON });
+
+    // Publish to channel demo: both pages get it once channels exist; before that, the 404 shows.
+    await page.fill("#f-name", "");
+    await page.fill("#f-data", "to every demo page");
+    await page.click("#publish");
+    await page.waitForFunction(() => /^\d{3}$/.test(document.getElementById("answer").dataset.status ?? ""), null, { timeout: SOON });
+    const status = await page.getAttribute("#answer", "data-status");
+    const answerText = await page.textContent("#answer");
+    if (status === "200") {
+      assert.match(answerText, /^200 \{"status":"ok","delivered":2\}/);
+      for (const p of [page, other]) {
+        await p.waitForFunction(() => [...document.querySelectorAll("#log li.event pre.data")]
+          .some((e) => e.textContent === "to every demo page"), null, { timeout: SOON });
+      }
+    } else {
+      assert.equal(status, "404");
+      assert.match(answerText, /^404 \{"error":"Not found"\}/);
+    }
+    assert.equal(await other.locator("#log li.event").count(), status === "200" ? 1 : 0);
+    assert.equal(await page.textContent("#count"), status === "200" ? "3" : "2");
+
+    await mkdir(path.dirname(SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: SCREENSHOT, fullPage: true });
+    assert.ok((await stat(SCREENSHOT)).size > 10_000);
+
+    // close: true ends the stream; the browser reconnects and the page learns its new token.
+    await page.fill("#f-data", "last one");
+    await page.check("#f-close");
+    await page.click("#send-me");
+    await page.waitForFunction(({ old, uuid }) => {
+      const now = document.getElementById("token").textContent;
+      return now !== old && new RegExp(uuid).test(now);
+    }, { old: token, uuid: UUID.source }, { timeout: SOON });
+    assert.equal(await page.getAttribute("#state", "data-state"), "open");
+    await page.close();
+    await other.close();
+  });
+});
