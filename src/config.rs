@@ -52,6 +52,9 @@ pub struct Config {
     pub log_level: Level,
     /// `None`: one per core.
     pub worker_threads: Option<usize>,
+    /// Demo mode's state (`sse-gateway demo`, set only by `main`; never from the environment):
+    /// when `Some`, `/_demo/` is the demo page instead of a stream path.
+    pub demo: Option<std::sync::Arc<crate::demo::Demo>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -148,6 +151,7 @@ impl Config {
                 None => None,
                 Some(_) => Some(env.ranged(ENV_WORKER_THREADS, "an integer >= 1", 1..=1024, 1)?),
             },
+            demo: None,
         })
     }
 }

@@ -124,12 +124,22 @@ impl Gateway {
                     Ok(guard)
                 }
                 refused => {
+                    let level = match refused {
+                        Outcome::Refused(_) => Level::Info,
+                        _ => Level::Warn,
+                    };
                     log!(
-                        Level::Info,
+                        level,
                         "connection refused: {refused:?} token={}",
                         stream.token
                     );
-                    gateway.registry.remove(stream.token);
+                    if matches!(refused, Outcome::Timeout) {
+                        // The backend may have said 2xx after we stopped waiting; it would then
+                        // hold a ghost connection. A disconnect (`error`) closes it either way.
+                        gateway.end(&stream, EndReason::Error);
+                    } else {
+                        gateway.registry.remove(stream.token);
+                    }
                     gateway.release();
                     Err(OpenError::Callback(refused))
                 }

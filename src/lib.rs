@@ -17,12 +17,14 @@
 //! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
 //! - [`metrics`], [`log`], [`config`]: operations.
+//! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.
 
 pub mod body;
 pub mod callback;
 pub mod channels;
 pub mod config;
 pub mod connection;
+pub mod demo;
 pub mod frame;
 pub mod gateway;
 pub mod heartbeat;

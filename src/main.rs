@@ -2,14 +2,28 @@
 
 use std::process::ExitCode;
 
-use sse_gateway::{log, log::Level, server, Config, Listeners};
+use sse_gateway::{demo, log, log::Level, server, Config, Listeners};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
-    let config = match Config::from_env() {
+    // `sse-gateway demo`: a built-in backend double and a page at /_demo/ (see `demo`).
+    let demo = match std::env::args().nth(1).as_deref() {
+        Some("demo") => match demo::Setup::bind() {
+            Ok(setup) => Some(setup),
+            Err(err) => {
+                eprintln!("sse-gateway: cannot bind the demo backend: {err}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
+    };
+    let config = match demo
+        .as_ref()
+        .map_or_else(Config::from_env, demo::Setup::config)
+    {
         Ok(config) => config,
         Err(err) => {
             eprintln!("sse-gateway: {err}");
@@ -26,8 +40,19 @@ fn main() -> ExitCode {
         .build()
         .expect("building the tokio runtime");
     runtime.block_on(async {
+        let shutdown = match server::shutdown_signal() {
+            Ok(shutdown) => shutdown,
+            Err(err) => {
+                log!(Level::Error, "cannot install signal handlers: {err}");
+                return ExitCode::from(1);
+            }
+        };
         let listeners = match Listeners::bind(&config).and_then(|l| {
             server::describe(&config, &l)?;
+            if let Some(demo) = demo {
+                demo.spawn_backend()?;
+                demo::announce(&config, l.public.local_addr()?);
+            }
             Ok(l)
         }) {
             Ok(listeners) => listeners,
@@ -36,7 +61,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        server::run(config, listeners, server::shutdown_signal()).await;
+        server::run(config, listeners, shutdown).await;
         ExitCode::SUCCESS
     })
 }

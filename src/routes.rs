@@ -87,6 +87,10 @@ impl Routes {
                 }
             }
             _ if self.listener == Listener::Internal => not_found(),
+            // Only in demo mode; otherwise `/_demo/` is a stream path like any other.
+            _ if crate::demo::reserves(&self.gateway.config, path) => {
+                crate::demo::serve(&self.gateway.config, request.method(), request.uri())
+            }
             _ if request.method() == Method::GET => self.open_stream(request).await,
             _ => method_not_allowed("GET"),
         }

@@ -147,15 +147,19 @@ async fn accept_loop(
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Installs the SIGTERM and SIGINT handlers now and returns a future that resolves on either.
+/// Call it before binding: from the first listener line on, a signal must mean a clean drain, not
+/// the default action (death).
+pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => log!(Level::Info, "SIGTERM received"),
-        _ = int.recv() => log!(Level::Info, "SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log!(Level::Info, "SIGTERM received"),
+            _ = int.recv() => log!(Level::Info, "SIGINT received"),
+        }
+    })
 }
 
 /// Logs the start-up lines: listener addresses and settings.
