@@ -1,4 +1,4 @@
-//! One heartbeat sweep over 100,000 streams: the registry's 64 buckets (`Registry::heartbeat_bucket`,
+//! One heartbeat sweep over 100,000 streams: every registry shard (`Registry::heartbeat_shard`,
 //! what the heartbeat task runs over one period) beside a naive loop over a `Vec<Arc<Stream>>`.
 //! Before each timed sweep every queue is drained and every stream has a parked waker (as an idle
 //! writer would), so every stream gets its heartbeat and one wake in both variants.
@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use sse_gateway::registry::Registry;
+use sse_gateway::registry::{Registry, SHARDS};
 use sse_gateway::stream::Stream;
 use sse_gateway::token::Token;
 
 const STREAMS: usize = 100_000;
-const BUCKETS: usize = 64;
 
 /// Empties each queue and parks a waker, as an idle writer task would.
 fn park_all(streams: &[Arc<Stream>], out: &mut Vec<Bytes>) {
@@ -41,14 +40,14 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("heartbeat_sweep_100k");
     g.throughput(Throughput::Elements(STREAMS as u64));
     g.sample_size(20);
-    g.bench_function("registry_64_buckets", |b| {
+    g.bench_function("registry_shard_sweep", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 park_all(&in_registry, &mut out);
                 let t0 = Instant::now();
-                let queued: usize = (0..BUCKETS)
-                    .map(|bucket| registry.heartbeat_bucket(bucket, BUCKETS, &mut wakers))
+                let queued: usize = (0..SHARDS)
+                    .map(|shard| registry.heartbeat_shard(shard, &mut wakers))
                     .sum();
                 total += t0.elapsed();
                 assert_eq!(queued, STREAMS);

@@ -83,7 +83,8 @@ impl<'a> Iterator for DataLines<'a> {
 
     fn next(&mut self) -> Option<&'a [u8]> {
         let rest = self.rest?;
-        match rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+        // SIMD search: a 4 KiB line costs two scans of well under a microsecond.
+        match memchr::memchr2(b'\r', b'\n', rest) {
             None => {
                 self.rest = None;
                 Some(rest)

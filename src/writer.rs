@@ -3,7 +3,7 @@
 //!
 //! Owns the body's framing (HTTP/1.1 chunked, or close-delimited for HTTP/1.0), batching (up to
 //! `MAX_BATCH` queued frames go out in one `writev`, as one chunk, with no copy of any frame), the
-//! clean end (`0\r\n\r\n`, then FIN), the abort on overflow (no terminator), and noticing that the
+//! clean end (`0\r\n\r\n`, then FIN, given up after `CLOSE_LINGER`), the abort on overflow (no terminator), and noticing that the
 //! client left (EOF or error on read). The task holds the [`StreamGuard`]; when the task ends, the
 //! guard's drop reports `client_closed` unless the stream had already ended for another reason.
 //! It must not decide when a stream ends; it only carries out what [`crate::stream`] says.
@@ -13,11 +13,13 @@ use std::io::{ErrorKind, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 use crate::gateway::StreamGuard;
 use crate::stream::Next;
@@ -26,6 +28,10 @@ use crate::stream::Next;
 /// `IOV_MAX` and keeps the batch `Vec` at 512 B while it exists.
 const MAX_BATCH: usize = 16;
 static TERMINATOR: Bytes = Bytes::from_static(b"0\r\n\r\n");
+/// How long a cleanly ended stream may take to flush its last frames and terminator. A client that
+/// stopped reading would otherwise hold its socket (and queue) until TCP gives up, long after the
+/// stream was reported closed.
+const CLOSE_LINGER: Duration = Duration::from_secs(10);
 const CRLF: &[u8] = b"\r\n";
 
 pub struct StreamWriter {
@@ -41,6 +47,8 @@ pub struct StreamWriter {
     /// Bytes of prefix + batch + suffix already written.
     written: usize,
     finished: bool,
+    /// Armed when the stream ends cleanly; boxed because almost no stream ever needs it.
+    linger: Option<Pin<Box<Sleep>>>,
     /// Held, not read: shutdown waits until every holder (this writer included) is gone.
     _drain: watch::Receiver<bool>,
 }
@@ -62,6 +70,7 @@ impl StreamWriter {
             suffix: b"",
             written: 0,
             finished: false,
+            linger: None,
             _drain: drain,
         }
     }
@@ -147,6 +156,11 @@ impl Future for StreamWriter {
         if this.client_gone(cx) {
             return Poll::Ready(());
         }
+        if let Some(linger) = &mut this.linger {
+            if linger.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
         loop {
             if this.pending() == 0 {
                 if this.finished {
@@ -163,6 +177,10 @@ impl Future for StreamWriter {
                     Next::Pending => return Poll::Pending,
                     Next::Finished => {
                         this.finished = true;
+                        let mut linger = Box::pin(tokio::time::sleep(CLOSE_LINGER));
+                        // Registers the timer; it fires at most once, after CLOSE_LINGER.
+                        let _ = linger.as_mut().poll(cx);
+                        this.linger = Some(linger);
                         if this.chunked {
                             this.batch.push(TERMINATOR.clone());
                         }
