@@ -60,7 +60,7 @@ pub struct Common {
     /// Source addresses to spread streams over, 127.0.0.2 upwards (1..=253).
     #[arg(long, global = true, default_value_t = 253, value_parser = clap::value_parser!(u32).range(1..=253))]
     pub sources: u32,
-    /// Path of the stream URL; `?c=<n>` is appended.
+    /// Path of the stream URL; `?c=<n>` is appended, and `{c}` in it is replaced by n.
     #[arg(long, global = true, default_value = "/s")]
     pub path: String,
     /// Deadline in seconds for each phase that opens streams (a density step, the initial open).
@@ -76,6 +76,22 @@ pub struct Common {
     /// Seconds to wait for outstanding deliveries and for disconnect callbacks after closing.
     #[arg(long, global = true, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// What `--url` is: `gateway`, or `nchan` (nginx + nchan, for comparison: sends become
+    /// `POST /pub/<token>`, publishes `POST /pub/<channel>`; use with `--path '/sub/{c}'`).
+    #[arg(long, global = true, value_enum, default_value_t = TargetKind::Gateway)]
+    pub target: TargetKind,
+    /// The backend double's connect answer puts every stream in this channel
+    /// (`{"channels":["<name>"]}`), as `broadcast --publish` does; compare.sh uses it so that gateway
+    /// streams carry the same shared channel as nchan's `/sub/<id>` + `all` subscribers.
+    #[arg(long, global = true, value_name = "CHANNEL")]
+    pub join_channel: Option<String>,
+}
+
+/// The kind of server under test.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    Gateway,
+    Nchan,
 }
 
 #[derive(Subcommand, Debug, Clone)]

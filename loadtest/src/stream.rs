@@ -198,6 +198,7 @@ pub async fn open(
         let mut sock = connect_from(src, dst)
             .await
             .map_err(|e| OpenError::Connect(e.kind()))?;
+        let path = path.replace("{c}", &client.to_string());
         let req = format!(
             "GET {path}?c={client} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\nUser-Agent: sse-load\r\n\r\n"
         );

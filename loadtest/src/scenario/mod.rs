@@ -52,7 +52,12 @@ impl Ctx {
     }
 
     pub fn sender(&self) -> Sender {
-        Sender::new(self.target.internal, self.common.internal_secret.as_deref())
+        let s = Sender::new(self.target.internal, self.common.internal_secret.as_deref());
+        if self.common.target == crate::cli::TargetKind::Nchan {
+            s.nchan()
+        } else {
+            s
+        }
     }
 
     pub fn cpu(&self) -> CpuMeter {
@@ -154,7 +159,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             channel,
             ..
         } => Some(channel.as_str()),
-        _ => None,
+        _ => common.join_channel.as_deref(),
     };
     let backend = Backend::new(channel, Duration::from_millis(common.callback_delay_ms));
     let attached = common.gateway_bin.is_none();
