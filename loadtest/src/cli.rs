@@ -149,6 +149,11 @@ pub enum Scenario {
         /// Deadline for one round's deliveries, seconds.
         #[arg(long, default_value_t = 30)]
         round_timeout: u64,
+        /// Also send to random single tokens at this rate (sends/s) on a separate connection and
+        /// report their request latency during rounds and between them: how much a big fan-out
+        /// stalls unrelated sends. 0 = off.
+        #[arg(long, default_value_t = 0)]
+        probe_rate: u64,
     },
     /// Open -> 200 -> close loop: connects/s, time-to-headers, exactly one disconnect per connect.
     ConnectRate {

@@ -96,6 +96,10 @@ impl Sink {
     }
 
     fn on_event(&self, slot: &Slot, data: &[u8]) {
+        // `broadcast --probe-rate` events only measure request latency; they are not deliveries.
+        if data.starts_with(PROBE_DATA.as_bytes()) {
+            return;
+        }
         self.events.fetch_add(1, Ordering::Relaxed);
         slot.received.fetch_add(1, Ordering::Relaxed);
         let Some((seq, ts)) = parse_payload(data) else {
@@ -121,6 +125,9 @@ impl Sink {
         }
     }
 }
+
+/// The data of `broadcast --probe-rate` events, which the sink ignores.
+pub const PROBE_DATA: &str = "probe";
 
 /// Why opening a stream failed; `Display` is the key failures are counted under.
 #[derive(Debug)]

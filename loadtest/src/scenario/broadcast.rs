@@ -24,6 +24,54 @@ pub struct Opts {
     pub channel: String,
     pub interval: Duration,
     pub round_timeout: Duration,
+    /// Sends/s to random single tokens during the run, to measure how a fan-out stalls them.
+    pub probe_rate: u64,
+}
+
+/// Request latency of the probe's sends, split by whether a round was in progress when each began.
+#[derive(Default)]
+struct Probe {
+    during: Histogram,
+    between: Histogram,
+    failed: u64,
+}
+
+/// Sends `{"token":<random open token>,"event":{"data":"probe"}}` at `rate` per second until `stop`.
+async fn probe(
+    mut sender: crate::send::Sender,
+    tokens: Vec<String>,
+    rate: u64,
+    in_round: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Probe {
+    let mut out = Probe::default();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut i: usize = 0;
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let token = &tokens[(i >> 33) % tokens.len()];
+        let body = format!(
+            r#"{{"token":"{token}","event":{{"data":"{}"}}}}"#,
+            crate::stream::PROBE_DATA
+        );
+        let during = in_round.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        let ok = matches!(
+            sender.post("/internal/send", body.as_bytes()).await,
+            Ok((200, _))
+        );
+        let us = t0.elapsed().as_micros() as u64;
+        match (ok, during) {
+            (false, _) => out.failed += 1,
+            (true, true) => out.during.record(us),
+            (true, false) => out.between.record(us),
+        }
+    }
+    out
 }
 
 pub async fn run(ctx: &mut Ctx, o: Opts) {
@@ -57,6 +105,21 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             format!("{n} sends by token per round over {c} connections")
         }
     ));
+    let in_round = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = (o.probe_rate > 0).then(|| {
+        let tokens: Vec<String> = open
+            .iter()
+            .filter_map(|&i| pool.slots[i].token.get().cloned())
+            .collect();
+        tokio::spawn(probe(
+            ctx.sender(),
+            tokens,
+            o.probe_rate,
+            in_round.clone(),
+            stop_probe.clone(),
+        ))
+    });
     let cpu = ctx.cpu();
     let mut round_times = Histogram::default();
     let mut send_times = Histogram::default();
@@ -68,6 +131,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         sink.round.store(r, Ordering::Relaxed);
         let t0_us = now_us();
         let t0 = Instant::now();
+        in_round.store(true, Ordering::Relaxed);
         let (accepted, failures) = if o.publish {
             let mut s = senders[0]
                 .take()
@@ -155,6 +219,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         while sink.round_delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        in_round.store(false, Ordering::Relaxed);
         let delivered = sink.round_delivered.load(Ordering::Relaxed);
         let last = sink.round_last_us.load(Ordering::Relaxed);
         let round_us = last.saturating_sub(t0_us);
@@ -179,6 +244,24 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         tokio::time::sleep(o.interval).await;
     }
     let cpu_s = cpu.elapsed();
+    stop_probe.store(true, Ordering::Relaxed);
+    let probed = match prober {
+        Some(task) => task.await.ok(),
+        None => None,
+    };
+    if let Some(p) = &probed {
+        ctx.report.line(format!(
+            "unrelated sends during rounds: {}",
+            p.during.human()
+        ));
+        ctx.report.line(format!(
+            "unrelated sends between rounds: {}",
+            p.between.human()
+        ));
+        if p.failed > 0 {
+            ctx.report.fail(format!("{} probe sends failed", p.failed));
+        }
+    }
     let delivered = sink.events.load(Ordering::Relaxed);
     let delivery = sink.latency.lock().unwrap().clone();
     let ooo = sink.out_of_order.load(Ordering::Relaxed);
@@ -208,6 +291,10 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             "out_of_order": ooo, "failed_requests": send_failed, "per_round": rows,
             "gateway_cpu_s": cpu_s.map(|c| round(c, 3)),
             "cpu_us_per_event": cpu_s.map(|c| round(c * 1e6 / delivered.max(1) as f64, 2)),
+            "probe": probed.as_ref().map(|p| json!({
+                "rate": o.probe_rate, "during_rounds": p.during.json(),
+                "between_rounds": p.between.json(), "failed": p.failed,
+            })),
         }),
     );
     if missing_total > 0 {

@@ -262,6 +262,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             channel,
             interval_ms,
             round_timeout,
+            probe_rate,
         } => {
             let o = broadcast::Opts {
                 streams,
@@ -271,6 +272,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
                 channel,
                 interval: Duration::from_millis(interval_ms),
                 round_timeout: Duration::from_secs(round_timeout),
+                probe_rate,
             };
             broadcast::run(&mut ctx, o).await
         }
