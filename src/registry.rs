@@ -274,6 +274,60 @@ mod tests {
         );
     }
 
+    /// The sweep against a naive reference: after random inserts, removes, sends and drains, one
+    /// sweep of every shard queues a heartbeat on exactly the open streams whose queue was empty.
+    #[test]
+    fn heartbeat_sweep_agrees_with_a_naive_loop_on_random_operations() {
+        use crate::stream::Next;
+        use std::task::Waker;
+        let registry = Registry::new();
+        let mut open: Vec<Arc<Stream>> = Vec::new();
+        let mut rng = XorShift(0xDEAD_BEEF_CAFE_F00D);
+        let frame = Bytes::from_static(b"data: x\n\n");
+        let mut drained = Vec::new();
+        for round in 0..200 {
+            for _ in 0..50 {
+                match rng.next() % 5 {
+                    0 | 1 => open.push(registry.insert(Bytes::new()).unwrap()),
+                    2 if !open.is_empty() => {
+                        let s = open.swap_remove(rng.next() as usize % open.len());
+                        assert!(registry.remove(s.token));
+                    }
+                    3 if !open.is_empty() => {
+                        let s = &open[rng.next() as usize % open.len()];
+                        s.deliver(Some(&frame), false, 1 << 20);
+                    }
+                    _ if !open.is_empty() => {
+                        let s = &open[rng.next() as usize % open.len()];
+                        while s.take_batch(&mut drained, 16, Waker::noop()) == Next::Frames {}
+                        drained.clear();
+                    }
+                    _ => {}
+                }
+            }
+            // Naive reference: an open stream gets a heartbeat iff its queue is empty.
+            let expected: Vec<bool> = open.iter().map(|s| s.queued_bytes() == 0).collect();
+            let mut wakers = Vec::new();
+            let queued: usize = (0..SHARDS)
+                .map(|shard| registry.heartbeat_shard(shard, &mut wakers))
+                .sum();
+            assert_eq!(
+                queued,
+                expected.iter().filter(|&&e| e).count(),
+                "round {round}"
+            );
+            for (s, had_room) in open.iter().zip(expected) {
+                let mut taken = Vec::new();
+                while s.take_batch(&mut taken, 16, Waker::noop()) == Next::Frames {}
+                let heartbeats = taken
+                    .iter()
+                    .filter(|f| **f == crate::frame::HEARTBEAT)
+                    .count();
+                assert_eq!(heartbeats, usize::from(had_room), "round {round}");
+            }
+        }
+    }
+
     #[test]
     fn one_sweep_of_every_shard_reaches_each_stream_once() {
         let registry = Registry::new();
