@@ -71,7 +71,8 @@ run() {
   local log="$OUT/$name.$target.$n.log"
   if [ "$target" = gateway ]; then
     timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" \
-      --gateway-env HEARTBEAT_INTERVAL_SECONDS="$hb" --gateway-env INTERNAL_PORT=0 --join-channel all > "$log" 2>&1 || true
+      --gateway-env HEARTBEAT_INTERVAL_SECONDS="$hb" --gateway-env INTERNAL_PORT=0 \
+      --gateway-env WORKER_THREADS=1 --join-channel all > "$log" 2>&1 || true
   else
     start_nchan "$hb"
     timeout 600 "$LOAD" "$@" --target nchan --url "http://127.0.0.1:$NGX_PORT" --path '/sub/{c}' \
@@ -89,8 +90,8 @@ for n in $(seq "$RUNS"); do
     want density && run density $target 15 $n -- density --steps 1000,5000,10000,18000 --settle 3
     want cpu_event && run cpu_event $target 15 $n -- unicast -n 1000 -c 8 --rate 5000 --duration 10
     want max_sends && run max_sends $target 15 $n -- unicast -n 1000 -c 8 --rate 0 --duration 10
-    want pertoken18k && run pertoken18k $target 15 $n -- broadcast -n 18000 -c 8 --rounds 3 --interval-ms 1000
-    want publish18k && run publish18k $target 15 $n -- broadcast -n 18000 --publish --channel all --rounds 3 --interval-ms 1000
+    want pertoken18k && run pertoken18k $target 15 $n -- broadcast -n 18000 -c 64 --rounds 3 --interval-ms 1000
+    want publish18k && run publish18k $target 15 $n -- broadcast -n 18000 --publish --channel all --rounds 3 --interval-ms 1000 --probe-rate 200
     want connect && run connect $target 15 $n -- connect-rate -c 16 --duration 10
     want heartbeat && run heartbeat $target 1 $n -- idle -n 10000 --duration 20 --heartbeat 1
   done

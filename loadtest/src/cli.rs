@@ -149,6 +149,9 @@ pub enum Scenario {
         /// Deadline for one round's deliveries, seconds.
         #[arg(long, default_value_t = 30)]
         round_timeout: u64,
+        /// Per-token sends: requests each sender pipelines per write (1 = one at a time).
+        #[arg(long, default_value_t = 1)]
+        pipeline: usize,
         /// Also send to random single tokens at this rate (sends/s) on a separate connection and
         /// report their request latency during rounds and between them: how much a big fan-out
         /// stalls unrelated sends. 0 = off.

@@ -175,6 +175,96 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// POSTs every body to `path` as pipelined HTTP/1.1 requests (one write), then reads the
+    /// answers in order. For load generation: it takes the client's per-request round trip and
+    /// syscalls out of the figure. Answers must carry `Content-Length` (the gateway's always do);
+    /// on any error the remaining requests count as failed with it.
+    pub async fn post_pipelined(&mut self, path: &str, bodies: &[Vec<u8>]) -> Vec<Answer> {
+        if self.nchan {
+            // nchan's publisher takes a different request per token; send them one by one.
+            let mut answers = Vec::with_capacity(bodies.len());
+            for body in bodies {
+                answers.push(self.post(path, body).await);
+            }
+            return answers;
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange_pipelined(path, bodies)).await {
+            Ok(Ok(answers)) => answers,
+            Ok(Err((mut answers, e))) => {
+                self.sock = None;
+                answers.resize(bodies.len(), Err(e));
+                answers
+            }
+            Err(_) => {
+                self.sock = None;
+                vec![Err("timeout".into()); bodies.len()]
+            }
+        }
+    }
+
+    async fn exchange_pipelined(
+        &mut self,
+        path: &str,
+        bodies: &[Vec<u8>],
+    ) -> Result<Vec<Answer>, (Vec<Answer>, String)> {
+        let mut answers = Vec::with_capacity(bodies.len());
+        if self.sock.is_none() {
+            let s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| (Vec::new(), format!("connect: {:?}", e.kind())))?;
+            let _ = s.set_nodelay(true);
+            self.sock = Some(s);
+        }
+        self.req.clear();
+        for body in bodies {
+            self.req.extend_from_slice(
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                    self.addr,
+                    body.len(),
+                    self.auth.as_deref().unwrap_or("")
+                )
+                .as_bytes(),
+            );
+            self.req.extend_from_slice(body);
+        }
+        let sock = self.sock.as_mut().expect("connected above");
+        if let Err(e) = sock.write_all(&self.req).await {
+            return Err((answers, io_err(e)));
+        }
+        self.buf.clear();
+        while answers.len() < bodies.len() {
+            let head = loop {
+                match parse_head(&self.buf) {
+                    Ok(Some(h)) => break h,
+                    Ok(None) => {}
+                    Err(e) => return Err((answers, e)),
+                }
+                if let Err(e) = read_more(sock, &mut self.buf).await {
+                    return Err((answers, e));
+                }
+            };
+            let Some(len) = head.content_length.filter(|_| !head.chunked) else {
+                return Err((answers, "pipelined answer without Content-Length".into()));
+            };
+            while self.buf.len() < head.len + len {
+                if let Err(e) = read_more(sock, &mut self.buf).await {
+                    return Err((answers, e));
+                }
+            }
+            let body = self.buf[head.len..head.len + len].to_vec();
+            self.buf.drain(..head.len + len);
+            answers.push(Ok((head.status, body)));
+            if head.close {
+                self.sock = None;
+                return Err((answers, "connection closed by gateway".into()));
+            }
+        }
+        Ok(answers)
+    }
+}
+
 async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), String> {
     let mut chunk = [0u8; 4096];
     let n = sock.read(&mut chunk).await.map_err(io_err)?;

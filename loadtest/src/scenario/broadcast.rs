@@ -24,6 +24,8 @@ pub struct Opts {
     pub channel: String,
     pub interval: Duration,
     pub round_timeout: Duration,
+    /// Requests each per-token sender pipelines per write.
+    pub pipeline: usize,
     /// Sends/s to random single tokens during the run, to measure how a fan-out stalls them.
     pub probe_rate: u64,
 }
@@ -102,7 +104,10 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         if o.publish {
             format!("one publish to channel {:?} per round", o.channel)
         } else {
-            format!("{n} sends by token per round over {c} connections")
+            format!(
+                "{n} sends by token per round over {c} connections, {} per write",
+                o.pipeline.max(1)
+            )
         }
     ));
     let in_round = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -160,19 +165,29 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                     .take()
                     .expect("sender is returned after each round");
                 let share = share.clone();
+                let pipeline = o.pipeline.max(1);
                 tasks.push(tokio::spawn(async move {
                     let (mut ok, mut fails) = (0u64, Vec::new());
-                    for slot in share.iter() {
-                        let token = slot.token.get().expect("open_with_token filtered");
-                        match s
-                            .post("/internal/send", &send_body(token, "bcast", r, t0_us, ""))
-                            .await
-                        {
-                            Ok((200, _)) => ok += 1,
-                            Ok((st, b)) => {
-                                fails.push(format!("status {st}: {}", String::from_utf8_lossy(&b)))
+                    for batch in share.chunks(pipeline) {
+                        let bodies: Vec<Vec<u8>> = batch
+                            .iter()
+                            .map(|slot| {
+                                let token = slot.token.get().expect("open_with_token filtered");
+                                send_body(token, "bcast", r, t0_us, "")
+                            })
+                            .collect();
+                        let answers = if pipeline == 1 {
+                            vec![s.post("/internal/send", &bodies[0]).await]
+                        } else {
+                            s.post_pipelined("/internal/send", &bodies).await
+                        };
+                        for answer in answers {
+                            match answer {
+                                Ok((200, _)) => ok += 1,
+                                Ok((st, b)) => fails
+                                    .push(format!("status {st}: {}", String::from_utf8_lossy(&b))),
+                                Err(e) => fails.push(e),
                             }
-                            Err(e) => fails.push(e),
                         }
                     }
                     (s, ok, fails)

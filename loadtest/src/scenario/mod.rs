@@ -262,6 +262,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             channel,
             interval_ms,
             round_timeout,
+            pipeline,
             probe_rate,
         } => {
             let o = broadcast::Opts {
@@ -272,6 +273,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
                 channel,
                 interval: Duration::from_millis(interval_ms),
                 round_timeout: Duration::from_secs(round_timeout),
+                pipeline,
                 probe_rate,
             };
             broadcast::run(&mut ctx, o).await
