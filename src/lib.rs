@@ -16,7 +16,7 @@
 //! - [`body`]: response bodies; a stream's body hands the stream over once hyper wrote the head.
 //! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
-//! - [`metrics`], [`log`], [`config`]: operations.
+//! - [`metrics`], [`log`](mod@log), [`config`]: operations.
 //! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.
 
 pub mod body;

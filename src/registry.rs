@@ -7,14 +7,21 @@
 //! A per-shard `HashMap<Token, slot>` was the alternative; folding the address into the token costs
 //! 32 of the UUID's 122 random bits (90 remain) and saves a map entry (~40 B) and a hash per lookup.
 //!
-//! # Memory budget per idle stream (x86-64, measured figures in BENCHMARKS.md)
+//! # Memory budget per idle stream (x86-64)
+//! Measured: 1.2 KiB per idle stream, the gateway's PSS slope from 1k to 18k streams
+//! (`sse-load density`, BENCHMARKS.md); a counting allocator put ~1.05 KiB of live heap per stream.
 //! | item | bytes | why |
 //! | --- | --- | --- |
-//! | slab slot | 16 | `Entry` enum: one `Arc` pointer plus tag |
-//! | `Arc<Stream>` | ~120 | token 16, request `Bytes` 32, queue `VecDeque` 32, waker 16, counters |
-//! | request JSON | ~size of the request head | kept for the disconnect callback's `request` |
-//! | queue ring | 0 idle, 128 after the first frame | `VecDeque` of four 32-byte `Bytes` |
-//! | hyper connection task | see BENCHMARKS.md | read buffer (8 KiB, first page touched), write buffer for the head, dispatcher state |
+//! | slab slot | 16 | `Entry` enum around one `Arc` pointer |
+//! | `Arc<Stream>` | 192 | 16 of counts + 160 of `Stream` (token, request `Bytes`, queue, waker, memberships) in mimalloc's 192 B bin |
+//! | request JSON | ~100–900 | the connect callback's `request` object, kept for the disconnect callback; grows with the browser's headers |
+//! | queue ring | 128 | `VecDeque` of four 32-byte `Bytes`, allocated by the first heartbeat, kept while idle |
+//! | writer task | ~320 | tokio task cell around the 144 B `StreamWriter` future |
+//! | socket registration | ~256 | tokio's cache-line-aligned `ScheduledIo` for the socket |
+//! | channel membership | 0, or ~40 per channel | (name, slot) on the stream + one slot in the channel's slab |
+//! Not counted: the kernel's socket (~3–6 KiB of slab per end, buffers empty when idle). hyper's two
+//! 8 KiB buffers and its ~1.8 KiB connection task are freed when the socket is handed to the writer
+//! ([`crate::connection`]); kept, they made 12.5 KiB per stream.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -215,6 +215,16 @@ fn write_chunk_size(len: usize, out: &mut [u8; 18]) -> u8 {
 mod tests {
     use super::*;
 
+    /// The per-stream budget in `registry.rs` depends on these sizes; a change should be deliberate.
+    #[test]
+    fn per_stream_state_stays_small() {
+        let writer = std::mem::size_of::<StreamWriter>();
+        let stream = std::mem::size_of::<crate::stream::Stream>();
+        println!("StreamWriter {writer} B, Stream {stream} B");
+        assert!(writer <= 160, "StreamWriter is {writer} B");
+        assert!(stream <= 192, "Stream is {stream} B");
+    }
+
     #[test]
     fn chunk_sizes_are_lower_hex() {
         let size = |n| {
