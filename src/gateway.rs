@@ -210,6 +210,17 @@ impl Gateway {
                 }
                 Ok(true)
             }
+            Delivery::Direct(direct) => {
+                let frame = frame.expect("a direct write carries a frame");
+                stream.end_direct(crate::writer::write_now(&direct, frame));
+                self.metrics
+                    .events_sent_total
+                    .fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .bytes_sent_total
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                Ok(true)
+            }
             Delivery::AlreadyEnded => Ok(false),
             Delivery::Overflowed => {
                 log!(

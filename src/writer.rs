@@ -10,19 +10,20 @@
 
 use std::future::Future;
 use std::io::{ErrorKind, IoSlice};
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::gateway::StreamGuard;
-use crate::stream::Next;
+use crate::stream::{DirectWrite, Next};
 
 /// Frames per `writev`: a burst of small events becomes one syscall; 16 + 2 iovecs stays far below
 /// `IOV_MAX` and keeps the batch `Vec` at 512 B while it exists.
@@ -35,7 +36,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(10);
 const CRLF: &[u8] = b"\r\n";
 
 pub struct StreamWriter {
-    socket: TcpStream,
+    /// Shared with the stream (see [`Stream::attach`](crate::stream::Stream::attach)) so deliveries
+    /// can write an idle stream's frame directly; who writes when is arbitrated there.
+    socket: Arc<TcpStream>,
     guard: StreamGuard,
     chunked: bool,
     /// Frames being written; empty when idle (and then unallocated).
@@ -60,6 +63,8 @@ impl StreamWriter {
         chunked: bool,
         drain: watch::Receiver<bool>,
     ) -> StreamWriter {
+        let socket = Arc::new(socket);
+        guard.stream.attach(socket.clone(), chunked);
         StreamWriter {
             socket,
             guard,
@@ -144,7 +149,14 @@ impl StreamWriter {
             skip = 0;
             count += 1;
         }
-        Pin::new(&mut self.socket).poll_write_vectored(cx, &slices[..count])
+        loop {
+            match self.socket.try_write_vectored(&slices[..count]) {
+                Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                    ready!(self.socket.poll_write_ready(cx))?;
+                }
+                done => return Poll::Ready(done),
+            }
+        }
     }
 }
 
@@ -164,7 +176,9 @@ impl Future for StreamWriter {
         loop {
             if this.pending() == 0 {
                 if this.finished {
-                    let _ = Pin::new(&mut this.socket).poll_shutdown(cx);
+                    // FIN now, even if a delivery still holds a clone of the socket.
+                    // SAFETY: shutdown(2) on a descriptor we own; it touches no memory of ours.
+                    unsafe { libc::shutdown(this.socket.as_raw_fd(), libc::SHUT_WR) };
                     return Poll::Ready(());
                 }
                 this.finish_batch();
@@ -174,6 +188,8 @@ impl Future for StreamWriter {
                     .take_batch(&mut this.batch, MAX_BATCH, cx.waker())
                 {
                     Next::Frames => this.frame_batch(),
+                    // Already framed by the interrupted direct write, and already counted.
+                    Next::Raw => {}
                     Next::Pending => return Poll::Pending,
                     Next::Finished => {
                         this.finished = true;
@@ -197,6 +213,50 @@ impl Future for StreamWriter {
             }
         }
     }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        self.guard.stream.detach();
+    }
+}
+
+/// Writes one frame of an idle stream straight to its socket from the delivering task (see
+/// [`Delivery::Direct`](crate::stream::Delivery::Direct)): one non-blocking `writev` of the chunk
+/// header, the frame and CRLF. Returns what the socket did not take, already framed, for the
+/// writer to finish; on any error everything is returned and the writer meets the error itself.
+pub fn write_now(direct: &DirectWrite, frame: &Bytes) -> Vec<Bytes> {
+    let mut header = [0u8; 18];
+    let (header_len, suffix) = if direct.chunked {
+        (write_chunk_size(frame.len(), &mut header) as usize, CRLF)
+    } else {
+        (0, &b""[..])
+    };
+    let slices = [
+        IoSlice::new(&header[..header_len]),
+        IoSlice::new(frame),
+        IoSlice::new(suffix),
+    ];
+    let total = header_len + frame.len() + suffix.len();
+    let mut written = direct.socket.try_write_vectored(&slices).unwrap_or(0);
+    if written == total {
+        return Vec::new();
+    }
+    let pieces = [
+        Bytes::copy_from_slice(&header[..header_len]),
+        frame.clone(),
+        Bytes::from_static(suffix),
+    ];
+    let mut rest = Vec::with_capacity(3);
+    for piece in pieces {
+        if written >= piece.len() {
+            written -= piece.len();
+        } else {
+            rest.push(piece.slice(written..));
+            written = 0;
+        }
+    }
+    rest
 }
 
 /// Writes `<len in hex>\r\n` into `out`; returns its length.
