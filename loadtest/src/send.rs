@@ -109,24 +109,9 @@ impl Sender {
         body: &[u8],
         content_type: &str,
     ) -> Result<(u16, Vec<u8>), String> {
-        if self.sock.is_none() {
-            let s = TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| format!("connect: {:?}", e.kind()))?;
-            s.set_nodelay(true).map_err(|e| e.to_string())?;
-            self.sock = Some(s);
-        }
+        self.connect().await?;
         self.req.clear();
-        self.req.extend_from_slice(
-            format!(
-                "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nAccept: application/json\r\nContent-Length: {}\r\n{}\r\n",
-                self.addr,
-                body.len(),
-                self.auth.as_deref().unwrap_or("")
-            )
-            .as_bytes(),
-        );
-        self.req.extend_from_slice(body);
+        self.push_request(path, content_type, body);
         let sock = self.sock.as_mut().expect("connected above");
         sock.write_all(&self.req).await.map_err(io_err)?;
         self.buf.clear();
@@ -203,31 +188,42 @@ impl Sender {
         }
     }
 
+    /// Opens the keep-alive connection if there is none.
+    async fn connect(&mut self) -> Result<(), String> {
+        if self.sock.is_none() {
+            let s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {:?}", e.kind()))?;
+            s.set_nodelay(true).map_err(|e| e.to_string())?;
+            self.sock = Some(s);
+        }
+        Ok(())
+    }
+
+    /// Appends one `POST` request to the write buffer.
+    fn push_request(&mut self, path: &str, content_type: &str, body: &[u8]) {
+        self.req.extend_from_slice(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nAccept: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                self.addr,
+                body.len(),
+                self.auth.as_deref().unwrap_or("")
+            )
+            .as_bytes(),
+        );
+        self.req.extend_from_slice(body);
+    }
+
     async fn exchange_pipelined(
         &mut self,
         path: &str,
         bodies: &[Vec<u8>],
     ) -> Result<Vec<Answer>, (Vec<Answer>, String)> {
         let mut answers = Vec::with_capacity(bodies.len());
-        if self.sock.is_none() {
-            let s = TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| (Vec::new(), format!("connect: {:?}", e.kind())))?;
-            let _ = s.set_nodelay(true);
-            self.sock = Some(s);
-        }
+        self.connect().await.map_err(|e| (Vec::new(), e))?;
         self.req.clear();
         for body in bodies {
-            self.req.extend_from_slice(
-                format!(
-                    "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
-                    self.addr,
-                    body.len(),
-                    self.auth.as_deref().unwrap_or("")
-                )
-                .as_bytes(),
-            );
-            self.req.extend_from_slice(body);
+            self.push_request(path, "application/json", body);
         }
         let sock = self.sock.as_mut().expect("connected above");
         if let Err(e) = sock.write_all(&self.req).await {
