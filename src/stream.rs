@@ -162,6 +162,7 @@ impl Stream {
                 && state.writing == Writing::Idle
                 && state.queue.is_empty()
                 && state.raw.is_empty()
+                && frame.len() <= max_queue_bytes
             {
                 if let Some(socket) = state.socket.clone() {
                     state.writing = Writing::Direct;

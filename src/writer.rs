@@ -285,6 +285,48 @@ mod tests {
         assert!(stream <= 192, "Stream is {stream} B");
     }
 
+    /// A delivery to an idle, attached stream writes the chunk itself; one bigger than the queue
+    /// bound still overflows, as it would through the queue.
+    #[tokio::test]
+    async fn idle_streams_are_written_directly_and_the_bound_still_holds() {
+        use crate::stream::{Delivery, Stream};
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let stream = Stream::new(crate::token::Token::random(), Bytes::new());
+        stream.attach(Arc::new(server), true);
+
+        let frame = Bytes::from_static(b"data: hi\n\n");
+        let Delivery::Direct(direct) = stream.deliver(Some(&frame), false, 64) else {
+            panic!("an idle attached stream is written directly");
+        };
+        // While the direct write holds the socket, the next frame queues behind it.
+        assert!(matches!(
+            stream.deliver(Some(&frame), false, 64),
+            Delivery::Queued { ended: false }
+        ));
+        stream.end_direct(write_now(&direct, &frame));
+        let mut got = vec![0u8; 15];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"a\r\ndata: hi\n\n\r\n");
+
+        let mut batch = Vec::new();
+        assert_eq!(
+            stream.take_batch(&mut batch, 16, std::task::Waker::noop()),
+            Next::Frames
+        );
+        assert_eq!(batch, vec![frame]);
+        let big = Bytes::from(vec![b'x'; 65]);
+        let _ = stream.take_batch(&mut batch, 16, std::task::Waker::noop());
+        assert!(matches!(
+            stream.deliver(Some(&big), false, 64),
+            Delivery::Overflowed
+        ));
+    }
+
     #[test]
     fn chunk_sizes_are_lower_hex() {
         let size = |n| {
