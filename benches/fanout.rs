@@ -2,6 +2,8 @@
 //! beside a copy per stream. Both go through `Stream::deliver`, and the queues are drained with
 //! `take_batch` inside the timed loop, as the writers would.
 //!
+//! Also: the snapshot of an 18k-member channel, which is all a publish does under a lock.
+//!
 //! `cargo bench --bench fanout` — results in BENCHMARKS.md.
 
 use std::sync::Arc;
@@ -63,6 +65,26 @@ fn bench(c: &mut Criterion) {
             )
         });
     }
+    g.finish();
+
+    // How long a publish to an 18k channel holds that channel's shard lock: the copy of the member
+    // pointers (`Channels::members`) is all it does under the lock; deliveries happen outside it.
+    let channels = sse_gateway::channels::Channels::new();
+    let members: Vec<Arc<Stream>> = (0..18_000)
+        .map(|_| Arc::new(Stream::new(Token::random(), Bytes::new())))
+        .collect();
+    for m in &members {
+        channels.join(m, ["all"]);
+    }
+    let mut g = c.benchmark_group("publish_lock_hold");
+    g.bench_function("members_snapshot_18k", |b| {
+        let mut out = Vec::with_capacity(18_000);
+        b.iter(|| {
+            out.clear();
+            channels.members("all", &mut out);
+            assert_eq!(out.len(), 18_000);
+        })
+    });
     g.finish();
 }
 
