@@ -2,7 +2,7 @@
 //! stateless backend. The wire contract is `PROTOCOL.md` (the project's copy of the shared spec).
 //!
 //! # Layout
-//! Data flows accept → route → callback → registry → frame → queue → writer → socket:
+//! Data flows accept → route → callback → registry → frame → (queue → writer) → socket:
 //! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
 //! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer.
 //! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; validation and statuses.
@@ -14,7 +14,8 @@
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
 //! - [`body`]: response bodies; a stream's body hands the stream over once hyper wrote the head.
-//! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving.
+//! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving;
+//!   a delivery to an idle stream writes its frame directly instead.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
 //! - [`metrics`], [`log`](mod@log), [`config`]: operations.
 //! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.

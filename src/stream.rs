@@ -3,8 +3,10 @@
 //! Owns what happens to frames between "accepted by the gateway" and "taken by the stream's writer":
 //! the FIFO of shared [`Bytes`] frames, the `MAX_QUEUE_BYTES` bound, the waker of the writer task
 //! that drains it, and the single transition to "ended" that decides which disconnect reason is
-//! reported (so exactly one is). It does no I/O and sends no callbacks: whoever makes the transition
-//! (see [`crate::gateway`]) reports it. Locks here are short and never held across `.await`.
+//! reported (so exactly one is), and who may write to the socket right now: the writer task, or a
+//! delivery writing an idle stream's frame itself. It does no I/O and sends no callbacks: whoever
+//! makes a transition (see [`crate::gateway`]) reports it, and writes happen outside its lock.
+//! Locks here are short and never held across `.await`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -3,8 +3,10 @@
 //!
 //! Owns the body's framing (HTTP/1.1 chunked, or close-delimited for HTTP/1.0), batching (up to
 //! `MAX_BATCH` queued frames go out in one `writev`, as one chunk, with no copy of any frame), the
-//! clean end (`0\r\n\r\n`, then FIN, given up after `CLOSE_LINGER`), the abort on overflow (no terminator), and noticing that the
-//! client left (EOF or error on read). The task holds the [`StreamGuard`]; when the task ends, the
+//! clean end (`0\r\n\r\n`, then FIN, given up after `CLOSE_LINGER`), the abort on overflow (no
+//! terminator), and noticing that the client left (EOF or error on read). It also owns
+//! [`write_now`], the one `writev` a delivery makes itself when the stream is idle; which of the two
+//! writes at any moment is decided under the stream's lock (see [`crate::stream`]). The task holds the [`StreamGuard`]; when the task ends, the
 //! guard's drop reports `client_closed` unless the stream had already ended for another reason.
 //! It must not decide when a stream ends; it only carries out what [`crate::stream`] says.
 
