@@ -28,6 +28,16 @@ pub fn is_valid_name(name: &str) -> bool {
     (1..=MAX_NAME_BYTES).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// A JSON array of valid channel names, or `None` (not an array, or any item not a valid name).
+/// The one check behind a connect answer's `channels`, subscribe/unsubscribe and publish.
+pub fn parse_names(value: &serde_json::Value) -> Option<Vec<&str>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|item| item.as_str().filter(|name| is_valid_name(name)))
+        .collect()
+}
+
 /// One (stream, channel) membership, kept on the stream so leaving is O(1).
 pub struct Membership {
     channel: Arc<str>,

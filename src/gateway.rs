@@ -257,19 +257,14 @@ impl Gateway {
 /// The channels a 2xx connect answer asks for (PROTOCOL §8): none for an empty or non-JSON body or
 /// an object without `channels`; `Err` for a `channels` value that is not an array of valid names.
 fn connect_channels(answer: &[u8]) -> Result<Vec<String>, ()> {
-    let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice(answer) else {
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(answer) else {
         return Ok(Vec::new());
     };
-    match object.remove("channels") {
+    match object.get("channels") {
         None => Ok(Vec::new()),
-        Some(serde_json::Value::Array(items)) => items
-            .into_iter()
-            .map(|item| match item {
-                serde_json::Value::String(name) if channels::is_valid_name(&name) => Ok(name),
-                _ => Err(()),
-            })
-            .collect(),
-        Some(_) => Err(()),
+        Some(list) => channels::parse_names(list)
+            .map(|names| names.into_iter().map(str::to_owned).collect())
+            .ok_or(()),
     }
 }
 

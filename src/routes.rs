@@ -241,7 +241,7 @@ impl Routes {
             (Some(Value::String(name)), None) if channels::is_valid_name(name) => {
                 vec![name.as_str()]
             }
-            (None, Some(list)) => match parse_channel_names(list) {
+            (None, Some(list)) => match channels::parse_names(list) {
                 Some(names) if !names.is_empty() => names,
                 _ => return invalid(PUBLISH_TARGET),
             },
@@ -296,7 +296,7 @@ impl Routes {
             Ok(token) => token,
             Err(message) => return invalid(message),
         };
-        let Some(names) = object.get("channels").and_then(parse_channel_names) else {
+        let Some(names) = object.get("channels").and_then(channels::parse_names) else {
             return invalid(CHANNEL_LIST);
         };
         let Some(stream) = self.open_stream_by_token(token) else {
@@ -343,15 +343,6 @@ fn parse_token(object: &Map<String, Value>) -> Result<&str, &'static str> {
         Some(Value::String(token)) if !token.is_empty() => Ok(token),
         _ => Err("token is required and must be a string"),
     }
-}
-
-/// An array of valid channel names, or `None`.
-fn parse_channel_names(value: &Value) -> Option<Vec<&str>> {
-    value
-        .as_array()?
-        .iter()
-        .map(|item| item.as_str().filter(|name| channels::is_valid_name(name)))
-        .collect()
 }
 
 fn token_not_found() -> Answer {

@@ -138,17 +138,11 @@ impl StreamWriter {
     fn poll_write_batch(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         let mut slices = [IoSlice::new(&[]); MAX_BATCH + 2];
         let mut count = 0;
-        let mut skip = self.written;
         let pieces = std::iter::once(&self.prefix[..self.prefix_len as usize])
             .chain(self.batch.iter().map(|b| &b[..]))
             .chain(std::iter::once(self.suffix));
-        for piece in pieces {
-            if skip >= piece.len() {
-                skip -= piece.len();
-                continue;
-            }
-            slices[count] = IoSlice::new(&piece[skip..]);
-            skip = 0;
+        for (piece, from) in unwritten(pieces, self.written) {
+            slices[count] = IoSlice::new(&piece[from..]);
             count += 1;
         }
         loop {
@@ -240,7 +234,7 @@ pub fn write_now(direct: &DirectWrite, frame: &Bytes) -> Vec<Bytes> {
         IoSlice::new(suffix),
     ];
     let total = header_len + frame.len() + suffix.len();
-    let mut written = direct.socket.try_write_vectored(&slices).unwrap_or(0);
+    let written = direct.socket.try_write_vectored(&slices).unwrap_or(0);
     if written == total {
         return Vec::new();
     }
@@ -249,16 +243,27 @@ pub fn write_now(direct: &DirectWrite, frame: &Bytes) -> Vec<Bytes> {
         frame.clone(),
         Bytes::from_static(suffix),
     ];
-    let mut rest = Vec::with_capacity(3);
-    for piece in pieces {
-        if written >= piece.len() {
-            written -= piece.len();
+    unwritten(pieces, written)
+        .map(|(piece, from)| piece.slice(from..))
+        .collect()
+}
+
+/// The pieces of a write not yet fully written after `written` bytes went out, each with the
+/// offset its unwritten part starts at. Empty pieces are skipped.
+fn unwritten<P: AsRef<[u8]>>(
+    pieces: impl IntoIterator<Item = P>,
+    mut written: usize,
+) -> impl Iterator<Item = (P, usize)> {
+    pieces.into_iter().filter_map(move |piece| {
+        let len = piece.as_ref().len();
+        if written >= len {
+            written -= len;
+            None
         } else {
-            rest.push(piece.slice(written..));
-            written = 0;
+            let from = std::mem::take(&mut written);
+            Some((piece, from))
         }
-    }
-    rest
+    })
 }
 
 /// Writes `<len in hex>\r\n` into `out`; returns its length.
@@ -327,6 +332,20 @@ mod tests {
             stream.deliver(Some(&big), false, 64),
             Delivery::Overflowed
         ));
+    }
+
+    #[test]
+    fn unwritten_skips_whole_pieces_and_splits_the_partial_one() {
+        let pieces: [&[u8]; 4] = [b"3\r\n", b"", b"abc", b"\r\n"];
+        let rest = |written| -> Vec<(Vec<u8>, usize)> {
+            unwritten(pieces, written)
+                .map(|(p, from)| (p.to_vec(), from))
+                .collect()
+        };
+        assert_eq!(rest(0).len(), 3, "the empty piece is skipped");
+        assert_eq!(rest(4), vec![(b"abc".to_vec(), 1), (b"\r\n".to_vec(), 0)]);
+        assert_eq!(rest(6), vec![(b"\r\n".to_vec(), 0)]);
+        assert!(rest(8).is_empty());
     }
 
     #[test]
