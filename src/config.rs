@@ -24,6 +24,12 @@ pub const ENV_INTERNAL_SECRET: &str = "INTERNAL_SECRET";
 pub const ENV_SHUTDOWN_GRACE_SECONDS: &str = "SHUTDOWN_GRACE_SECONDS";
 pub const ENV_LOG_LEVEL: &str = "LOG_LEVEL";
 pub const ENV_WORKER_THREADS: &str = "WORKER_THREADS";
+pub const ENV_MAX_HEADER_BYTES: &str = "MAX_HEADER_BYTES";
+pub const ENV_BODY_TIMEOUT_SECONDS: &str = "BODY_TIMEOUT_SECONDS";
+pub const ENV_MAX_CHANNELS_PER_STREAM: &str = "MAX_CHANNELS_PER_STREAM";
+pub const ENV_CALLBACK_CONCURRENCY: &str = "CALLBACK_CONCURRENCY";
+pub const ENV_CALLBACK_RETRY_SECONDS: &str = "CALLBACK_RETRY_SECONDS";
+pub const ENV_INTERNAL_INSECURE: &str = "INTERNAL_INSECURE";
 
 /// A callback endpoint, split once at start-up so each callback only formats a request.
 #[derive(Clone, Debug)]
@@ -52,6 +58,17 @@ pub struct Config {
     pub log_level: Level,
     /// `None`: one per core.
     pub worker_threads: Option<usize>,
+    /// Bound on a request's line plus headers (PROTOCOL §9).
+    pub max_header_bytes: usize,
+    /// Time a request body may take to arrive after its head.
+    pub body_timeout: Duration,
+    pub max_channels_per_stream: usize,
+    /// Callbacks of each action in flight at once; the rest wait in a queue.
+    pub callback_concurrency: usize,
+    /// How long a disconnect that never reached the backend is retried.
+    pub callback_retry: Duration,
+    /// `INTERNAL_INSECURE=1`: serve `/internal/*` unauthenticated on a non-loopback public listener.
+    pub internal_insecure: bool,
     /// Demo mode's state (`sse-gateway demo`, set only by `main`; never from the environment):
     /// when `Some`, `/_demo/` is the demo page instead of a stream path.
     pub demo: Option<std::sync::Arc<crate::demo::Demo>>,
@@ -150,6 +167,47 @@ impl Config {
             worker_threads: match env.get(ENV_WORKER_THREADS) {
                 None => None,
                 Some(_) => Some(env.ranged(ENV_WORKER_THREADS, "an integer >= 1", 1..=1024, 1)?),
+            },
+            max_header_bytes: env.ranged(
+                ENV_MAX_HEADER_BYTES,
+                "an integer number of bytes from 1024 to 16777216",
+                1024..=1 << 24,
+                16 * 1024,
+            )?,
+            body_timeout: Duration::from_secs(env.ranged(
+                ENV_BODY_TIMEOUT_SECONDS,
+                "an integer number of seconds >= 1",
+                1..=86_400,
+                10,
+            )?),
+            max_channels_per_stream: env.ranged(
+                ENV_MAX_CHANNELS_PER_STREAM,
+                "an integer >= 1",
+                1..=1 << 20,
+                1024,
+            )?,
+            callback_concurrency: env.ranged(
+                ENV_CALLBACK_CONCURRENCY,
+                "an integer from 1 to 4096",
+                1..=4096,
+                64,
+            )?,
+            callback_retry: Duration::from_secs(env.ranged(
+                ENV_CALLBACK_RETRY_SECONDS,
+                "a non-negative integer number of seconds (0 = no retry)",
+                0..=86_400,
+                30,
+            )?),
+            internal_insecure: match env.get(ENV_INTERNAL_INSECURE).as_deref().map(str::trim) {
+                None | Some("0") => false,
+                Some("1") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: ENV_INTERNAL_INSECURE,
+                        value: other.to_owned(),
+                        expected: "0 or 1",
+                    })
+                }
             },
             demo: None,
         })
@@ -255,6 +313,12 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
         assert_eq!(c.log_level, Level::Info);
         assert_eq!(c.worker_threads, None);
+        assert_eq!(c.max_header_bytes, 16384);
+        assert_eq!(c.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_channels_per_stream, 1024);
+        assert_eq!(c.callback_concurrency, 64);
+        assert_eq!(c.callback_retry, Duration::from_secs(30));
+        assert!(!c.internal_insecure);
     }
 
     #[test]
@@ -277,6 +341,13 @@ mod tests {
             (ENV_SHUTDOWN_GRACE_SECONDS, "-3"),
             (ENV_LOG_LEVEL, "loud"),
             (ENV_WORKER_THREADS, "0"),
+            (ENV_MAX_HEADER_BYTES, "100"),
+            (ENV_BODY_TIMEOUT_SECONDS, "0"),
+            (ENV_MAX_CHANNELS_PER_STREAM, "0"),
+            (ENV_CALLBACK_CONCURRENCY, "0"),
+            (ENV_CALLBACK_CONCURRENCY, "5000"),
+            (ENV_CALLBACK_RETRY_SECONDS, "-1"),
+            (ENV_INTERNAL_INSECURE, "yes"),
         ] {
             let err = load(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable, var, "{value}");
