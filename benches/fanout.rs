@@ -74,7 +74,7 @@ fn bench(c: &mut Criterion) {
         .map(|_| Arc::new(Stream::new(Token::random(), Bytes::new())))
         .collect();
     for m in &members {
-        channels.join(m, ["all"]);
+        channels.join(m, ["all"], 1).unwrap();
     }
     let mut g = c.benchmark_group("publish_lock_hold");
     g.bench_function("members_snapshot_18k", |b| {

@@ -1,8 +1,11 @@
 //! Channels: which open streams are in which named channel (PROTOCOL §8), for one-request fan-out.
 //!
 //! Owns membership only: a sharded map from channel name to a slab of member streams, and on each
-//! stream the list of (channel, slot) it holds, so joining and leaving are a hash lookup plus a slab
-//! insert/remove, and a disconnect leaves every channel of the stream without searching any of them.
+//! stream a small map from the channels it holds to its slot in each, so joining and leaving cost a
+//! hash lookup plus a slab insert/remove per name in the request, whatever the stream already holds
+//! (PROTOCOL §9: a list scan made 100k subscribes quadratic), and a disconnect leaves every channel
+//! of the stream without searching any of them. `MAX_CHANNELS_PER_STREAM` is enforced here, under
+//! the stream's membership lock, so a join that would pass it changes nothing.
 //! A channel exists only while it has members: the last leave removes it, so churn leaves nothing.
 //! It does not queue frames or end streams: a publish takes a snapshot of the members here and
 //! delivers outside every lock, so a fan-out to 18k streams holds one channel shard's lock only for
@@ -10,10 +13,10 @@
 //!
 //! Lock order: a stream's membership lock, then a channel shard's lock; never the reverse.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, DefaultHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use slab::Slab;
@@ -38,10 +41,28 @@ pub fn parse_names(value: &serde_json::Value) -> Option<Vec<&str>> {
         .collect()
 }
 
-/// One (stream, channel) membership, kept on the stream so leaving is O(1).
-pub struct Membership {
-    channel: Arc<str>,
-    slot: usize,
+/// A stream's channels: name → its slot in that channel's slab, so leaving is O(1).
+pub type Memberships = HashMap<Arc<str>, usize, ProcessHasher>;
+
+/// SipHash keyed once per process. Zero-sized, so a stream's (usually empty) membership map costs
+/// 32 B rather than the 48 B of a map that carries its own `RandomState`; keyed, so names chosen to
+/// collide cannot turn a join into a long probe.
+#[derive(Clone, Copy, Default)]
+pub struct ProcessHasher;
+
+impl BuildHasher for ProcessHasher {
+    type Hasher = DefaultHasher;
+
+    fn build_hasher(&self) -> DefaultHasher {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        KEYS.get_or_init(RandomState::new).build_hasher()
+    }
+}
+
+/// A join that would put a stream in more than `MAX_CHANNELS_PER_STREAM` channels.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManyChannels {
+    pub limit: usize,
 }
 
 type Shard = HashMap<Arc<str>, Slab<Arc<Stream>>>;
@@ -80,16 +101,29 @@ impl Channels {
         self.len() == 0
     }
 
-    /// Adds `stream` to each named channel it is not in yet. A stream that has ended joins nothing.
-    pub fn join<'a>(&self, stream: &Arc<Stream>, names: impl IntoIterator<Item = &'a str>) {
+    /// Adds `stream` to each named channel it is not in yet, unless that would put it in more than
+    /// `limit` channels: then nothing changes. A stream that has ended joins nothing.
+    pub fn join<'a>(
+        &self,
+        stream: &Arc<Stream>,
+        names: impl IntoIterator<Item = &'a str>,
+        limit: usize,
+    ) -> Result<(), TooManyChannels> {
         let mut memberships = stream.memberships.lock();
         if stream.has_ended() {
-            return;
+            return Ok(());
         }
+        let mut new: HashSet<&str, ProcessHasher> = HashSet::default();
         for name in names {
-            if memberships.iter().any(|m| &*m.channel == name) {
-                continue;
+            if !memberships.contains_key(name)
+                && new.insert(name)
+                && memberships.len() + new.len() > limit
+            {
+                return Err(TooManyChannels { limit });
             }
+        }
+        memberships.reserve(new.len());
+        for name in new {
             let mut shard = self.shard(name).lock();
             let channel = match shard.get_key_value(name) {
                 Some((key, _)) => key.clone(),
@@ -104,17 +138,17 @@ impl Channels {
                 .get_mut(name)
                 .expect("present: found or inserted above");
             let slot = members.insert(stream.clone());
-            memberships.push(Membership { channel, slot });
+            memberships.insert(channel, slot);
         }
+        Ok(())
     }
 
     /// Removes `stream` from each named channel it is in.
     pub fn leave<'a>(&self, stream: &Stream, names: impl IntoIterator<Item = &'a str>) {
         let mut memberships = stream.memberships.lock();
         for name in names {
-            if let Some(i) = memberships.iter().position(|m| &*m.channel == name) {
-                let membership = memberships.swap_remove(i);
-                self.remove(&membership);
+            if let Some((channel, slot)) = memberships.remove_entry(name) {
+                self.remove(&channel, slot);
             }
         }
     }
@@ -122,17 +156,17 @@ impl Channels {
     /// Removes `stream` from every channel (at its end).
     pub fn leave_all(&self, stream: &Stream) {
         let memberships = std::mem::take(&mut *stream.memberships.lock());
-        for membership in &memberships {
-            self.remove(membership);
+        for (channel, slot) in memberships {
+            self.remove(&channel, slot);
         }
     }
 
-    fn remove(&self, membership: &Membership) {
-        let mut shard = self.shard(&membership.channel).lock();
-        if let Some(members) = shard.get_mut(&*membership.channel) {
-            members.try_remove(membership.slot);
+    fn remove(&self, channel: &str, slot: usize) {
+        let mut shard = self.shard(channel).lock();
+        if let Some(members) = shard.get_mut(channel) {
+            members.try_remove(slot);
             if members.is_empty() {
-                shard.remove(&*membership.channel);
+                shard.remove(channel);
                 self.count.fetch_sub(1, Ordering::Relaxed);
             }
         }
@@ -165,7 +199,9 @@ impl Channels {
     /// Channel names `stream` is in (for tests and debugging).
     pub fn channels_of(&self, stream: &Stream) -> Vec<String> {
         let memberships = stream.memberships.lock();
-        memberships.iter().map(|m| m.channel.to_string()).collect()
+        let mut names: Vec<String> = memberships.keys().map(|c| c.to_string()).collect();
+        names.sort_unstable();
+        names
     }
 }
 
@@ -211,7 +247,9 @@ mod tests {
             let c = &names[next() % names.len()];
             match next() % 5 {
                 0 | 1 => {
-                    channels.join(&streams[s], [c.as_str()]);
+                    channels
+                        .join(&streams[s], [c.as_str()], usize::MAX)
+                        .unwrap();
                     model.entry(c.clone()).or_default().insert(s);
                 }
                 2 | 3 => {
@@ -253,8 +291,8 @@ mod tests {
     fn a_stream_in_several_listed_channels_is_listed_once() {
         let channels = Channels::new();
         let (a, b) = (stream(), stream());
-        channels.join(&a, ["x", "y", "x"]);
-        channels.join(&b, ["y"]);
+        channels.join(&a, ["x", "y", "x"], 2).unwrap();
+        channels.join(&b, ["y"], 1).unwrap();
         assert_eq!(channels.channels_of(&a), vec!["x", "y"]);
         assert_eq!(channels.members_of_any(["x", "y"]).len(), 2);
         assert_eq!(channels.members_of_any(["x", "x"]).len(), 1);
@@ -266,7 +304,24 @@ mod tests {
         let channels = Channels::new();
         let s = stream();
         s.end(crate::stream::EndReason::ClientClosed);
-        channels.join(&s, ["x"]);
+        channels.join(&s, ["x"], 1).unwrap();
         assert!(channels.is_empty());
+    }
+
+    #[test]
+    fn the_limit_counts_distinct_new_names_and_a_refused_join_changes_nothing() {
+        let channels = Channels::new();
+        let s = stream();
+        channels.join(&s, ["a", "b", "a"], 3).unwrap();
+        // "a" and "b" are held: only "c" is new, so 3 is reached, not passed.
+        channels.join(&s, ["a", "b", "c", "c"], 3).unwrap();
+        assert_eq!(
+            channels.join(&s, ["a", "d", "e"], 4),
+            Err(TooManyChannels { limit: 4 })
+        );
+        assert_eq!(channels.channels_of(&s), vec!["a", "b", "c"]);
+        assert_eq!(channels.len(), 3);
+        channels.join(&s, ["d"], 4).unwrap();
+        assert_eq!(channels.len(), 4);
     }
 }

@@ -10,7 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub static HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
 
 /// One event, as validated by the routes.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event<'a> {
     /// Written as `event:` only when non-empty.
     pub name: Option<&'a str>,

@@ -1,9 +1,11 @@
 //! Gateway: the state every connection shares, and the life cycle of a stream around it.
 //!
 //! Owns admission (`MAX_CONNECTIONS`), the hand-over from a 2xx connect callback to a registered,
-//! open stream, and the one place where a stream's end is reported: registry removal, metrics, and
-//! the disconnect callback, spawned so that no caller (least of all `/internal/send`) waits on it.
-//! It does not parse HTTP or format frames.
+//! open stream, the operations the backend asks for (send, publish, subscribe, unsubscribe: the one
+//! API that routes call, whatever the request looked like), and the one place where a stream's end
+//! is reported: registry removal, metrics, and the disconnect callback, queued so that no caller
+//! (least of all `/internal/send`) waits on it. It does not parse HTTP and does no socket I/O:
+//! frames go to [`Stream::deliver`], which decides between its queue and a direct write.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,12 +13,20 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::callback::{Callbacks, Outcome};
-use crate::channels::{self, Channels};
+use crate::channels::{self, Channels, TooManyChannels};
+use crate::command;
 use crate::config::Config;
+use crate::frame;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::stream::{Delivery, EndReason, Stream};
+use crate::token::Token;
 use crate::{log, log::Level};
+
+/// Streams a publish delivers to between two yields to the scheduler: idle members are written to
+/// from the publishing task (one `writev` each), so ~256 writes (~2 ms) is the longest a request
+/// that arrives meanwhile waits behind a fan-out to 18k streams.
+const FANOUT_CHUNK: usize = 256;
 
 pub struct Gateway {
     pub config: Config,
@@ -45,16 +55,27 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct Overflowed;
 
+/// Why a send by token did nothing.
+#[derive(Debug)]
+pub enum SendError {
+    /// No open stream has this token.
+    NotFound,
+    Overflowed,
+}
+
+/// Why a subscribe or unsubscribe did nothing.
+#[derive(Debug)]
+pub enum MembershipError {
+    NotFound,
+    TooManyChannels(TooManyChannels),
+}
 impl Gateway {
     pub fn new(config: Config) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::default());
-        let callbacks = config.callback_url.clone().map(|url| {
-            Arc::new(Callbacks::new(
-                url,
-                config.callback_timeout,
-                metrics.clone(),
-            ))
-        });
+        let callbacks = config
+            .callback_url
+            .clone()
+            .map(|url| Arc::new(Callbacks::new(url, &config, metrics.clone())));
         Arc::new(Gateway {
             config,
             registry: Registry::new(),
@@ -88,12 +109,29 @@ impl Gateway {
             return Err(OpenError::RegistryFull);
         };
         let gateway = self.clone();
-        let (answer_tx, answered) = tokio::sync::oneshot::channel();
+        let (mut answer_tx, answered) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let outcome = callbacks.connect(stream.token, &stream.request).await;
+            let slot = tokio::select! {
+                slot = callbacks.connect_slot() => slot,
+                // The client left while its connect waited for a slot: the backend never hears
+                // of this token, so it is owed nothing.
+                () = answer_tx.closed() => {
+                    gateway.registry.remove(stream.token);
+                    gateway.release();
+                    return;
+                }
+            };
+            let outcome = callbacks.connect(slot, stream.token, &stream.request).await;
             let result = match outcome {
                 Outcome::Accepted(answer) => {
-                    let Ok(names) = connect_channels(&answer) else {
+                    let limit = gateway.config.max_channels_per_stream;
+                    let joined = connect_channels(&answer).and_then(|names| {
+                        gateway
+                            .channels
+                            .join(&stream, names.iter().map(String::as_str), limit)
+                            .map_err(|_| ())
+                    });
+                    if joined.is_err() {
                         log!(
                             Level::Warn,
                             "backend returned invalid channels, closing token={}",
@@ -104,10 +142,7 @@ impl Gateway {
                         gateway.release();
                         let _ = answer_tx.send(Err(OpenError::InvalidChannels));
                         return;
-                    };
-                    gateway
-                        .channels
-                        .join(&stream, names.iter().map(String::as_str));
+                    }
                     gateway
                         .metrics
                         .connections_total
@@ -130,7 +165,8 @@ impl Gateway {
                     };
                     log!(
                         level,
-                        "connection refused: {refused:?} token={}",
+                        "stream refused: connect callback to {}: {refused} token={}",
+                        callbacks.url(),
                         stream.token
                     );
                     if matches!(refused, Outcome::Timeout) {
@@ -147,9 +183,11 @@ impl Gateway {
             // A send error means the client is gone: dropping the guard reports `client_closed`.
             let _ = answer_tx.send(result);
         });
-        answered
-            .await
-            .unwrap_or(Err(OpenError::Callback(Outcome::Unavailable)))
+        answered.await.unwrap_or_else(|_| {
+            Err(OpenError::Callback(Outcome::Unavailable(
+                "connect task ended".into(),
+            )))
+        })
     }
 
     fn admit(&self) -> bool {
@@ -178,21 +216,100 @@ impl Gateway {
             stream.token
         );
         if let Some(callbacks) = &self.callbacks {
-            let in_flight = callbacks.track();
-            let (token, request) = (stream.token, stream.request.clone());
-            tokio::spawn(async move {
-                in_flight
-                    .callbacks()
-                    .disconnect(token, reason, &request)
-                    .await;
-            });
+            callbacks.disconnect(stream.token, reason, stream.request.clone());
         }
+    }
+
+    /// The open stream a token names: registered and accepted by its connect callback.
+    fn open_stream(&self, token: &str) -> Option<Arc<Stream>> {
+        Token::parse(token)
+            .and_then(|token| self.registry.get(token))
+            .filter(|stream| stream.is_accepted())
+    }
+
+    /// `/internal/send`: the event (if any) to one stream by token, then its end with `close`.
+    pub fn send(&self, send: &command::Send<'_>) -> Result<(), SendError> {
+        let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
+        let frame = send.event.as_ref().map(frame::encode);
+        match self.deliver(&stream, frame.as_ref(), send.close) {
+            Ok(true) => {
+                log!(
+                    Level::Debug,
+                    "send accepted (close={}) token={}",
+                    send.close,
+                    stream.token
+                );
+                Ok(())
+            }
+            Ok(false) => Err(SendError::NotFound),
+            Err(Overflowed) => Err(SendError::Overflowed),
+        }
+    }
+
+    /// `/internal/publish`: one frame, encoded once, to every member of any listed channel, each
+    /// stream once. Returns how many streams it was queued or written on.
+    pub async fn publish(&self, publish: &command::Publish<'_>) -> usize {
+        let frame = publish.event.as_ref().map(frame::encode);
+        let members = self
+            .channels
+            .members_of_any(publish.channels.iter().copied());
+        let mut delivered = 0;
+        for (i, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            delivered += chunk
+                .iter()
+                .filter(|stream| {
+                    matches!(
+                        self.deliver(stream, frame.as_ref(), publish.close),
+                        Ok(true)
+                    )
+                })
+                .count();
+        }
+        self.metrics.publishes_total.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .publish_deliveries_total
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        log!(
+            Level::Debug,
+            "publish to {:?} delivered to {delivered} of {} streams",
+            publish.channels,
+            members.len()
+        );
+        delivered
+    }
+
+    /// `/internal/subscribe`: all of the channels, or none if that would pass
+    /// `MAX_CHANNELS_PER_STREAM`.
+    pub fn subscribe(&self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+        let stream = self
+            .open_stream(change.token)
+            .ok_or(MembershipError::NotFound)?;
+        self.channels
+            .join(
+                &stream,
+                change.channels.iter().copied(),
+                self.config.max_channels_per_stream,
+            )
+            .map_err(MembershipError::TooManyChannels)
+    }
+
+    /// `/internal/unsubscribe`: leaving a channel not joined is not an error.
+    pub fn unsubscribe(&self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+        let stream = self
+            .open_stream(change.token)
+            .ok_or(MembershipError::NotFound)?;
+        self.channels
+            .leave(&stream, change.channels.iter().copied());
+        Ok(())
     }
 
     /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
     /// end it causes (`server_closed`, or `error` on overflow). `Ok(false)`: the stream had already
     /// ended and nothing was queued.
-    pub fn deliver(
+    fn deliver(
         &self,
         stream: &Stream,
         frame: Option<&Bytes>,
@@ -210,9 +327,8 @@ impl Gateway {
                 }
                 Ok(true)
             }
-            Delivery::Direct(direct) => {
+            Delivery::Written => {
                 let frame = frame.expect("a direct write carries a frame");
-                stream.end_direct(crate::writer::write_now(&direct, frame));
                 self.metrics
                     .events_sent_total
                     .fetch_add(1, Ordering::Relaxed);

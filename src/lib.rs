@@ -23,6 +23,7 @@
 pub mod body;
 pub mod callback;
 pub mod channels;
+pub mod command;
 pub mod config;
 pub mod connection;
 pub mod demo;

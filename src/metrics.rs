@@ -73,7 +73,13 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self, connections: usize, channels: usize) -> String {
+    /// `callback_queue`: callbacks waiting for a slot, indexed by [`CallbackAction`].
+    pub fn render(
+        &self,
+        connections: usize,
+        channels: usize,
+        callback_queue: [usize; 2],
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, value: u64| {
             let _ = write!(
@@ -137,6 +143,15 @@ impl Metrics {
                 self.callback_errors[action as usize].load(Relaxed)
             );
         }
+        out.push_str("# HELP sse_gateway_callback_queue Callbacks waiting to be sent (not yet in flight).\n# TYPE sse_gateway_callback_queue gauge\n");
+        for action in CallbackAction::ALL {
+            let _ = writeln!(
+                out,
+                "sse_gateway_callback_queue{{action=\"{}\"}} {}",
+                action.as_str(),
+                callback_queue[action as usize]
+            );
+        }
         out.push_str("# HELP sse_gateway_callback_duration_seconds Callback latency.\n# TYPE sse_gateway_callback_duration_seconds histogram\n");
         for action in CallbackAction::ALL {
             let h = &self.callback_latency[action as usize];
@@ -170,7 +185,8 @@ mod tests {
         m.callback_latency(CallbackAction::Connect, Duration::from_micros(500));
         m.callback_latency(CallbackAction::Connect, Duration::from_millis(30));
         m.callback_latency(CallbackAction::Connect, Duration::from_secs(9));
-        let text = m.render(0, 0);
+        let text = m.render(0, 0, [0, 7]);
+        assert!(text.contains("sse_gateway_callback_queue{action=\"disconnect\"} 7\n"));
         assert!(text.contains(
             "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"0.001\"} 1\n"
         ));

@@ -13,12 +13,12 @@
 //! | item | bytes | why |
 //! | --- | --- | --- |
 //! | slab slot | 16 | `Entry` enum around one `Arc` pointer |
-//! | `Arc<Stream>` | 192 | 16 of counts + 160 of `Stream` (token, request `Bytes`, queue, waker, memberships) in mimalloc's 192 B bin |
-//! | request JSON | ~100–900 | the connect callback's `request` object, kept for the disconnect callback; grows with the browser's headers |
+//! | `Arc<Stream>` | 224 | 16 of counts + 208 of `Stream` (token, request `Bytes`, queue, waker, membership map) in mimalloc's 224 B bin |
+//! | request copy | ~100–900 | target and headers as the browser sent them, kept for the disconnect callback (compact form, never larger than the head, so `MAX_HEADER_BYTES` bounds it) |
 //! | queue ring | 128 | `VecDeque` of four 32-byte `Bytes`, allocated by the first heartbeat, kept while idle |
 //! | writer task | ~320 | tokio task cell around the 144 B `StreamWriter` future |
 //! | socket registration | ~256 | tokio's cache-line-aligned `ScheduledIo` for the socket |
-//! | channel membership | 0, or ~40 per channel | (name, slot) on the stream + one slot in the channel's slab |
+//! | channel membership | 0, or ~40 per channel | (name, slot) in the stream's map + one slot in the channel's slab |
 //! Not counted: the kernel's socket (~3–6 KiB of slab per end, buffers empty when idle). hyper's two
 //! 8 KiB buffers and its ~1.8 KiB connection task are freed when the socket is handed to the writer
 //! ([`crate::connection`]); kept, they made 12.5 KiB per stream.

@@ -1,31 +1,27 @@
 //! Routes: the hyper `Service` that maps `(listener, method, path)` to an answer (PROTOCOL §1, §2, §4).
 //!
 //! Owns HTTP-level decisions: which listener serves what, method checks, the bearer secret, body
-//! limits, request validation in the protocol's order, and every status and JSON body. It hands
-//! stream life cycle to [`crate::gateway`] and frame bytes to [`crate::frame`]; it holds no state of
+//! limits, and every status and JSON body. It parses (bodies through [`crate::command`]) and
+//! answers, nothing more: every operation is a call on [`Gateway`]'s API, and it holds no state of
 //! its own beyond an `Arc` of the gateway.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde_json::{Map, Value};
 
 use crate::body::{ResponseBody, StreamBody};
-use crate::callback::{encode_request, Outcome};
-use crate::channels;
+use crate::callback::{capture_request, Outcome};
+use crate::channels::TooManyChannels;
+use crate::command;
 use crate::connection::Handoff;
-use crate::frame::{self, Event};
-use crate::gateway::{Gateway, OpenError, Overflowed};
+use crate::gateway::{Gateway, MembershipError, OpenError, SendError};
 use crate::log::Level;
-use crate::stream::Stream;
-use crate::token::Token;
 
 /// Which listener a connection came in on, and so what it may reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,10 +108,14 @@ impl Routes {
     }
 
     fn metrics(&self) -> Answer {
-        let text = self
-            .gateway
+        let gateway = &self.gateway;
+        let queue = gateway
+            .callbacks
+            .as_ref()
+            .map_or([0, 0], |c| [c.connects_waiting(), c.disconnects_queued()]);
+        let text = gateway
             .metrics
-            .render(self.gateway.registry.len(), self.gateway.channels.len());
+            .render(gateway.registry.len(), gateway.channels.len(), queue);
         let mut answer = Response::new(ResponseBody::Full(Some(Bytes::from(text))));
         answer.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -134,13 +134,13 @@ impl Routes {
             (None, Some(pq)) => pq.as_str().to_owned(),
             _ => uri.to_string(),
         };
-        let request_json = encode_request(&target, request.headers());
+        let request_copy = capture_request(&target, request.headers());
         // hyper frames an unknown-length body as chunked for HTTP/1.1, close-delimited for 1.0.
         let chunked = request.version() >= Version::HTTP_11;
         // Drop the request now: its header values pin hyper's 8 KiB read buffer, which would
         // otherwise stay allocated for the life of the stream.
         drop(request);
-        match self.gateway.open(request_json).await {
+        match self.gateway.open(request_copy).await {
             Ok(guard) => {
                 let body = StreamBody::new(guard, chunked, self.handoff.clone());
                 let mut answer = Response::new(ResponseBody::Stream(body));
@@ -170,9 +170,9 @@ impl Routes {
             Err(OpenError::Callback(Outcome::Timeout)) => {
                 error(StatusCode::GATEWAY_TIMEOUT, "Gateway timeout")
             }
-            Err(OpenError::Callback(Outcome::Unavailable | Outcome::Accepted(_))) => {
-                error(StatusCode::SERVICE_UNAVAILABLE, "Backend unavailable")
-            }
+            Err(OpenError::Callback(
+                Outcome::Unreachable(_) | Outcome::Unavailable(_) | Outcome::Accepted(_),
+            )) => error(StatusCode::SERVICE_UNAVAILABLE, "Backend unavailable"),
         }
     }
 
@@ -182,11 +182,11 @@ impl Routes {
                 return error(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
-        let handler = match request.uri().path() {
-            "/internal/send" => Handler::Send,
-            "/internal/publish" => Handler::Publish,
-            "/internal/subscribe" => Handler::Membership(Membership::Join),
-            "/internal/unsubscribe" => Handler::Membership(Membership::Leave),
+        let operation = match request.uri().path() {
+            "/internal/send" => Operation::Send,
+            "/internal/publish" => Operation::Publish,
+            "/internal/subscribe" => Operation::Subscribe,
+            "/internal/unsubscribe" => Operation::Unsubscribe,
             _ => return not_found(),
         };
         if request.method() != Method::POST {
@@ -196,211 +196,81 @@ impl Routes {
             Ok(object) => object,
             Err(answer) => return answer,
         };
-        match handler {
-            Handler::Send => self.send(&object),
-            Handler::Publish => self.publish(&object).await,
-            Handler::Membership(change) => self.membership(&object, change),
-        }
+        let answer = match operation {
+            Operation::Send => self.send(&object),
+            Operation::Publish => self.publish(&object).await,
+            Operation::Subscribe | Operation::Unsubscribe => self.membership(&object, operation),
+        };
+        answer.unwrap_or_else(invalid)
     }
 
-    /// `POST /internal/send` (PROTOCOL §4), after the body was read as a JSON object.
-    fn send(&self, object: &Map<String, Value>) -> Answer {
-        let token = match parse_token(object) {
-            Ok(token) => token,
-            Err(message) => return invalid(message),
-        };
-        let (event, close) = match parse_event(object).and_then(|e| Ok((e, parse_close(object)?))) {
-            Ok(parsed) => parsed,
-            Err(message) => return invalid(message),
-        };
-        let Some(stream) = self.open_stream_by_token(token) else {
-            return token_not_found();
-        };
-        let frame = event.as_ref().map(frame::encode);
-        match self.gateway.deliver(&stream, frame.as_ref(), close) {
-            Ok(true) => {
-                log!(
-                    Level::Debug,
-                    "send accepted (close={close}) token={}",
-                    stream.token
-                );
-                json(StatusCode::OK, r#"{"status":"ok"}"#)
-            }
-            Ok(false) => token_not_found(),
-            Err(Overflowed) => error(
+    /// `POST /internal/send` (PROTOCOL §4).
+    fn send(&self, object: &command::Object) -> Result<Answer, command::Invalid> {
+        let send = command::send(object)?;
+        Ok(match self.gateway.send(&send) {
+            Ok(()) => ok(),
+            Err(SendError::NotFound) => token_not_found(),
+            Err(SendError::Overflowed) => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "Write failed: connection closed",
             ),
-        }
+        })
     }
 
-    /// `POST /internal/publish` (PROTOCOL §8): one frame, encoded once, to every member of any
-    /// listed channel, each stream once.
-    async fn publish(&self, object: &Map<String, Value>) -> Answer {
-        let names = match (object.get("channel"), object.get("channels")) {
-            (Some(Value::String(name)), None) if channels::is_valid_name(name) => {
-                vec![name.as_str()]
-            }
-            (None, Some(list)) => match channels::parse_names(list) {
-                Some(names) if !names.is_empty() => names,
-                _ => return invalid(PUBLISH_TARGET),
-            },
-            _ => return invalid(PUBLISH_TARGET),
-        };
-        let (event, close) = match parse_event(object).and_then(|e| Ok((e, parse_close(object)?))) {
-            Ok(parsed) => parsed,
-            Err(message) => return invalid(message),
-        };
-        if event.is_none() && !close {
-            return invalid("event or close: true is required");
-        }
-        let gateway = &self.gateway;
-        let frame = event.as_ref().map(frame::encode);
-        let members = gateway.channels.members_of_any(names.iter().copied());
-        let mut delivered = 0;
-        for (i, chunk) in members.chunks(FANOUT_CHUNK).enumerate() {
-            if i > 0 {
-                // Idle members are written to right here (one `writev` each, no task switch), so
-                // a big fan-out is one long-running task: yielding between chunks lets a request
-                // that arrives meanwhile run after ~256 writes (~2 ms), not after all 18k.
-                tokio::task::yield_now().await;
-            }
-            delivered += chunk
-                .iter()
-                .filter(|stream| matches!(gateway.deliver(stream, frame.as_ref(), close), Ok(true)))
-                .count();
-        }
-        gateway
-            .metrics
-            .publishes_total
-            .fetch_add(1, Ordering::Relaxed);
-        gateway
-            .metrics
-            .publish_deliveries_total
-            .fetch_add(delivered as u64, Ordering::Relaxed);
-        log!(
-            Level::Debug,
-            "publish to {names:?} delivered to {delivered} of {} streams",
-            members.len()
-        );
-        json_owned(
+    /// `POST /internal/publish` (PROTOCOL §8).
+    async fn publish(&self, object: &command::Object) -> Result<Answer, command::Invalid> {
+        let publish = command::publish(object)?;
+        let delivered = self.gateway.publish(&publish).await;
+        Ok(json_owned(
             StatusCode::OK,
             format!(r#"{{"status":"ok","delivered":{delivered}}}"#),
-        )
+        ))
     }
 
-    /// `POST /internal/subscribe` and `/internal/unsubscribe` (PROTOCOL §8). Every name is checked
-    /// before the token is looked up, so a request with one bad name changes nothing.
-    fn membership(&self, object: &Map<String, Value>, change: Membership) -> Answer {
-        let token = match parse_token(object) {
-            Ok(token) => token,
-            Err(message) => return invalid(message),
+    /// `POST /internal/subscribe` and `/internal/unsubscribe` (PROTOCOL §8, §9).
+    fn membership(
+        &self,
+        object: &command::Object,
+        operation: Operation,
+    ) -> Result<Answer, command::Invalid> {
+        let change = command::membership(object)?;
+        let result = if matches!(operation, Operation::Subscribe) {
+            self.gateway.subscribe(&change)
+        } else {
+            self.gateway.unsubscribe(&change)
         };
-        let Some(names) = object.get("channels").and_then(channels::parse_names) else {
-            return invalid(CHANNEL_LIST);
-        };
-        let Some(stream) = self.open_stream_by_token(token) else {
-            return token_not_found();
-        };
-        let channels = &self.gateway.channels;
-        match change {
-            Membership::Join => channels.join(&stream, names),
-            Membership::Leave => channels.leave(&stream, names),
-        }
-        json(StatusCode::OK, r#"{"status":"ok"}"#)
+        Ok(match result {
+            Ok(()) => ok(),
+            Err(MembershipError::NotFound) => token_not_found(),
+            Err(MembershipError::TooManyChannels(TooManyChannels { limit })) => error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "Invalid request: a stream may be in at most {limit} channels (MAX_CHANNELS_PER_STREAM); nothing was changed"
+                ),
+            ),
+        })
     }
-
-    /// The open stream a token names: registered and accepted by its connect callback.
-    fn open_stream_by_token(&self, token: &str) -> Option<Arc<Stream>> {
-        Token::parse(token)
-            .and_then(|token| self.gateway.registry.get(token))
-            .filter(|stream| stream.is_accepted())
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Membership {
-    Join,
-    Leave,
 }
 
 /// The `/internal/*` routes, chosen before the body is read.
-enum Handler {
+#[derive(Clone, Copy)]
+enum Operation {
     Send,
     Publish,
-    Membership(Membership),
+    Subscribe,
+    Unsubscribe,
 }
 
-/// Streams a publish delivers to between two yields to the scheduler.
-const FANOUT_CHUNK: usize = 256;
-
-const PUBLISH_TARGET: &str = "exactly one of channel (a channel name) or channels (a non-empty array of channel names) is required; a channel name is 1-256 visible ASCII characters";
-const CHANNEL_LIST: &str =
-    "channels must be an array of channel names (1-256 visible ASCII characters)";
-
-fn parse_token(object: &Map<String, Value>) -> Result<&str, &'static str> {
-    match object.get("token") {
-        Some(Value::String(token)) if !token.is_empty() => Ok(token),
-        _ => Err("token is required and must be a string"),
-    }
+fn ok() -> Answer {
+    json(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
 fn token_not_found() -> Answer {
     error(StatusCode::NOT_FOUND, "Token not found")
 }
 
-/// Validates `event` as PROTOCOL §4 orders its checks; `None` when there is no `event` key.
-fn parse_event(object: &Map<String, Value>) -> Result<Option<Event<'_>>, &'static str> {
-    let event = match object.get("event") {
-        None => return Ok(None),
-        Some(Value::Object(event)) => event,
-        Some(_) => return Err("event must be an object"),
-    };
-    let Some(Value::String(data)) = event.get("data") else {
-        return Err("event.data is required and must be a string");
-    };
-    let name = match event.get("name") {
-        None => None,
-        Some(Value::String(name)) => Some(name.as_str()),
-        Some(_) => return Err("event.name must be a string"),
-    };
-    if name.is_some_and(|n| n.contains(['\r', '\n'])) {
-        return Err("event.name must not contain CR or LF");
-    }
-    let id = match event.get("id") {
-        None => None,
-        Some(Value::String(id)) => Some(id.as_str()),
-        Some(_) => return Err("event.id must be a string"),
-    };
-    if id.is_some_and(|i| i.contains(['\r', '\n', '\0'])) {
-        return Err("event.id must not contain CR, LF or NUL");
-    }
-    let retry = match event.get("retry") {
-        None => None,
-        Some(retry) => Some(
-            retry
-                .as_u64()
-                .ok_or("event.retry must be a non-negative integer")?,
-        ),
-    };
-    Ok(Some(Event {
-        name,
-        id,
-        retry,
-        data,
-    }))
-}
-
-fn parse_close(object: &Map<String, Value>) -> Result<bool, &'static str> {
-    match object.get("close") {
-        None => Ok(false),
-        Some(Value::Bool(close)) => Ok(*close),
-        Some(_) => Err("close must be a boolean"),
-    }
-}
-
 /// Reads a body of at most `max` bytes and parses it as a JSON object; the error is the answer.
-async fn read_object(request: Request<Incoming>, max: usize) -> Result<Map<String, Value>, Answer> {
+async fn read_object(request: Request<Incoming>, max: usize) -> Result<command::Object, Answer> {
     let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
     let declared = request
         .headers()
@@ -421,10 +291,7 @@ async fn read_object(request: Request<Incoming>, max: usize) -> Result<Map<Strin
             ));
         }
     };
-    match serde_json::from_slice(&body) {
-        Ok(Value::Object(object)) => Ok(object),
-        _ => Err(invalid("body must be a JSON object")),
-    }
+    command::parse_object(&body).map_err(invalid)
 }
 
 /// Compares the bearer token in constant time for a given length; only the length can leak.

@@ -4,8 +4,9 @@
 //! the FIFO of shared [`Bytes`] frames, the `MAX_QUEUE_BYTES` bound, the waker of the writer task
 //! that drains it, and the single transition to "ended" that decides which disconnect reason is
 //! reported (so exactly one is), and who may write to the socket right now: the writer task, or a
-//! delivery writing an idle stream's frame itself. It does no I/O and sends no callbacks: whoever
-//! makes a transition (see [`crate::gateway`]) reports it, and writes happen outside its lock.
+//! delivery writing an idle stream's frame itself. It sends no callbacks: whoever makes a transition
+//! (see [`crate::gateway`]) reports it. Its only I/O is handing an idle stream's frame to
+//! [`writer::write_now`] outside its lock; the bytes on the wire are the writer module's business.
 //! Locks here are short and never held across `.await`.
 
 use std::collections::VecDeque;
@@ -17,9 +18,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
-use crate::channels::Membership;
-use crate::frame;
+use crate::channels::Memberships;
 use crate::token::Token;
+use crate::{frame, writer};
 
 /// Why a stream ended; the names are the disconnect callback's `reason`s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +58,7 @@ pub struct Stream {
     accepted: AtomicBool,
     state: Mutex<State>,
     /// Channels this stream is in; owned by [`crate::channels`], locked before any channel shard.
-    pub(crate) memberships: Mutex<Vec<Membership>>,
+    pub(crate) memberships: Mutex<Memberships>,
 }
 
 #[derive(Default)]
@@ -87,22 +88,15 @@ enum Writing {
     Direct,
 }
 
-/// The right to write one frame straight to the socket, from the delivering task: the stream was
-/// idle (nothing queued, nothing in flight). Hand what could not be written to
-/// [`Stream::end_direct`], which also gives the right back.
-pub struct DirectWrite {
-    pub socket: Arc<TcpStream>,
-    pub chunked: bool,
-}
-
 /// What [`Stream::deliver`] did.
 pub enum Delivery {
     /// Queued; `ended` is true when this call also ended the stream (`close: true`).
     Queued { ended: bool },
-    /// Nothing queued: the caller writes the frame itself now (the stream was idle), then calls
-    /// [`Stream::end_direct`]. Saves waking and polling the writer task, and keeps a fan-out's
-    /// writes inside the publishing task instead of queueing 18k tasks ahead of everyone else.
-    Direct(DirectWrite),
+    /// The stream was idle, so the frame was written straight to its socket from the delivering
+    /// task (what the socket did not take went to the writer). Saves waking and polling the writer
+    /// task, and keeps a fan-out's writes inside the publishing task instead of queueing 18k tasks
+    /// ahead of everyone else.
+    Written,
     /// Nothing queued and no transition: the stream had already ended.
     AlreadyEnded,
     /// The frame would have overflowed the queue: the stream is now ended with [`EndReason::Error`]
@@ -135,7 +129,7 @@ impl Stream {
             request,
             accepted: AtomicBool::new(false),
             state: Mutex::new(State::default()),
-            memberships: Mutex::new(Vec::new()),
+            memberships: Mutex::new(Memberships::default()),
         }
     }
 
@@ -169,7 +163,9 @@ impl Stream {
                 if let Some(socket) = state.socket.clone() {
                     state.writing = Writing::Direct;
                     let chunked = state.chunked;
-                    return Delivery::Direct(DirectWrite { socket, chunked });
+                    drop(state);
+                    self.end_direct(writer::write_now(&socket, chunked, frame));
+                    return Delivery::Written;
                 }
             }
             if state.queued_bytes + frame.len() > max_queue_bytes {
@@ -274,10 +270,10 @@ impl Stream {
         }
     }
 
-    /// Gives back the right taken by [`Delivery::Direct`], with the bytes the socket did not take
-    /// (already framed; empty when the whole frame went out). Wakes the writer if there is work
-    /// for it: those bytes, frames queued meanwhile, or an end to carry out.
-    pub fn end_direct(&self, unwritten: Vec<Bytes>) {
+    /// Gives back the right to write taken for a direct write, with the bytes the socket did not
+    /// take (already framed; empty when the whole frame went out). Wakes the writer if there is
+    /// work for it: those bytes, frames queued meanwhile, or an end to carry out.
+    fn end_direct(&self, unwritten: Vec<Bytes>) {
         let mut state = self.state.lock();
         state.writing = Writing::Idle;
         if state.end != Some(EndReason::Error) {

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::gateway::StreamGuard;
-use crate::stream::{DirectWrite, Next};
+use crate::stream::Next;
 
 /// Frames per `writev`: a burst of small events becomes one syscall; 16 + 2 iovecs stays far below
 /// `IOV_MAX` and keeps the batch `Vec` at 512 B while it exists.
@@ -218,12 +218,12 @@ impl Drop for StreamWriter {
 }
 
 /// Writes one frame of an idle stream straight to its socket from the delivering task (see
-/// [`Delivery::Direct`](crate::stream::Delivery::Direct)): one non-blocking `writev` of the chunk
+/// [`Delivery::Written`](crate::stream::Delivery::Written)): one non-blocking `writev` of the chunk
 /// header, the frame and CRLF. Returns what the socket did not take, already framed, for the
 /// writer to finish; on any error everything is returned and the writer meets the error itself.
-pub fn write_now(direct: &DirectWrite, frame: &Bytes) -> Vec<Bytes> {
+pub fn write_now(socket: &TcpStream, chunked: bool, frame: &Bytes) -> Vec<Bytes> {
     let mut header = [0u8; 18];
-    let (header_len, suffix) = if direct.chunked {
+    let (header_len, suffix) = if chunked {
         (write_chunk_size(frame.len(), &mut header) as usize, CRLF)
     } else {
         (0, &b""[..])
@@ -234,7 +234,7 @@ pub fn write_now(direct: &DirectWrite, frame: &Bytes) -> Vec<Bytes> {
         IoSlice::new(suffix),
     ];
     let total = header_len + frame.len() + suffix.len();
-    let written = direct.socket.try_write_vectored(&slices).unwrap_or(0);
+    let written = socket.try_write_vectored(&slices).unwrap_or(0);
     if written == total {
         return Vec::new();
     }
@@ -289,7 +289,8 @@ mod tests {
         let stream = std::mem::size_of::<crate::stream::Stream>();
         println!("StreamWriter {writer} B, Stream {stream} B");
         assert!(writer <= 160, "StreamWriter is {writer} B");
-        assert!(stream <= 192, "Stream is {stream} B");
+        // With its 16 B of `Arc` counts, 208 fills mimalloc's 224 B bin exactly.
+        assert!(stream <= 208, "Stream is {stream} B");
     }
 
     /// A delivery to an idle, attached stream writes the chunk itself; one bigger than the queue
@@ -307,27 +308,25 @@ mod tests {
         stream.attach(Arc::new(server), true);
 
         let frame = Bytes::from_static(b"data: hi\n\n");
-        let Delivery::Direct(direct) = stream.deliver(Some(&frame), false, 64) else {
-            panic!("an idle attached stream is written directly");
-        };
-        // While the direct write holds the socket, the next frame queues behind it.
-        assert!(matches!(
-            stream.deliver(Some(&frame), false, 64),
-            Delivery::Queued { ended: false }
-        ));
-        stream.end_direct(write_now(&direct, &frame));
+        assert!(
+            matches!(stream.deliver(Some(&frame), false, 64), Delivery::Written),
+            "an idle attached stream is written directly"
+        );
         let mut got = vec![0u8; 15];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"a\r\ndata: hi\n\n\r\n");
-
+        // The stream is idle again: the next frame goes straight out too, the writer has nothing.
         let mut batch = Vec::new();
+        assert!(matches!(
+            stream.deliver(Some(&frame), false, 64),
+            Delivery::Written
+        ));
+        client.read_exact(&mut got).await.unwrap();
         assert_eq!(
             stream.take_batch(&mut batch, 16, std::task::Waker::noop()),
-            Next::Frames
+            Next::Pending
         );
-        assert_eq!(batch, vec![frame]);
         let big = Bytes::from(vec![b'x'; 65]);
-        let _ = stream.take_batch(&mut batch, 16, std::task::Waker::noop());
         assert!(matches!(
             stream.deliver(Some(&big), false, 64),
             Delivery::Overflowed

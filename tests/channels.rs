@@ -505,7 +505,12 @@ async fn a_disconnect_leaves_every_channel_and_empty_channels_disappear() {
 #[tokio::test]
 async fn membership_churn_leaves_nothing_behind() {
     let mut backend = Backend::start().await;
-    let gw = Gateway::start(&backend).await;
+    // Each stream holds all 20k names at once: far past the default limit of 1024.
+    let gw = Gateway::builder()
+        .callback(&backend)
+        .env("MAX_CHANNELS_PER_STREAM", "20000")
+        .spawn()
+        .await;
     let mut streams = open_in(&gw, &mut backend, &[], 5).await;
     let warm = |i: usize| format!("warm.{i}");
     // Warm the allocator with one full cycle first, so the comparison is steady state.
