@@ -101,6 +101,8 @@ struct Shared {
     rules: Mutex<Rules>,
     tx: mpsc::UnboundedSender<Callback>,
     connections: AtomicUsize,
+    /// Connection tasks, so [`Backend::stop`] can close every socket like a dying process.
+    conn_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 pub struct Backend {
@@ -119,7 +121,6 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
-        let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             rules: Mutex::new(Rules {
@@ -128,29 +129,57 @@ impl Backend {
             }),
             tx,
             connections: AtomicUsize::new(0),
+            conn_tasks: Mutex::new(Vec::new()),
         });
-        let st = shared.clone();
-        let accept = tokio::spawn(async move {
+        Backend {
+            addr: listener.local_addr().unwrap(),
+            accept: Backend::accept(listener, shared.clone()),
+            shared,
+            rx,
+        }
+    }
+
+    /// Closes the listener and every connection, as a backend process that went away: the
+    /// gateway's next connection attempt is refused. [`Backend::restart`] brings it back.
+    pub fn stop(&self) {
+        self.accept.abort();
+        for task in self.shared.conn_tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Serves again on the same address, with the same rules and callback record.
+    pub async fn restart(&mut self) {
+        self.stop();
+        // The aborted accept task drops its listener when it is next scheduled: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(err) if Instant::now() > deadline => panic!("rebind backend: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        self.accept = Backend::accept(listener, self.shared.clone());
+    }
+
+    fn accept(listener: TcpListener, st: Arc<Shared>) -> JoinHandle<()> {
+        tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     continue;
                 };
                 let conn = st.connections.fetch_add(1, Ordering::SeqCst);
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, st.clone(), conn));
+                let shared = st.clone();
+                let task = tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, shared.clone(), conn));
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(sock), svc)
                         .await;
                 });
+                st.conn_tasks.lock().unwrap().push(task.abort_handle());
             }
-        });
-        Backend {
-            addr,
-            shared,
-            rx,
-            accept,
-        }
+        })
     }
 
     /// The callback URL (with a path and query, to check the gateway posts to it as given).
