@@ -453,6 +453,13 @@ pub struct SseStream {
     pub payload: Vec<u8>,
 }
 
+impl SseStream {
+    /// The stream's socket, for a test that only needs the bytes drained, not parsed.
+    pub fn into_socket(self) -> TcpStream {
+        self.conn.sock
+    }
+}
+
 /// Opens `GET target` on a fresh connection. `Ok` for a 200 stream, `Err` with the whole answer
 /// for any other status.
 pub async fn open_stream(addr: SocketAddr, target: &str) -> Result<SseStream, Response> {
