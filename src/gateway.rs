@@ -13,6 +13,7 @@ use bytes::Bytes;
 use crate::callback::{Callbacks, Outcome};
 use crate::channels::{self, Channels};
 use crate::config::Config;
+use crate::demo::Demo;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::stream::{Delivery, EndReason, Stream};
@@ -20,6 +21,9 @@ use crate::{log, log::Level};
 
 pub struct Gateway {
     pub config: Config,
+    /// Demo mode's state (`sse-gateway demo`): when `Some`, `/_demo/` is the demo page instead of
+    /// a stream path.
+    pub demo: Option<Arc<Demo>>,
     pub registry: Registry,
     pub channels: Channels,
     pub metrics: Arc<Metrics>,
@@ -46,7 +50,7 @@ pub enum OpenError {
 pub struct Overflowed;
 
 impl Gateway {
-    pub fn new(config: Config) -> Arc<Gateway> {
+    pub fn new(config: Config, demo: Option<Arc<Demo>>) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::default());
         let callbacks = config.callback_url.clone().map(|url| {
             Arc::new(Callbacks::new(
@@ -57,6 +61,7 @@ impl Gateway {
         });
         Arc::new(Gateway {
             config,
+            demo,
             registry: Registry::new(),
             channels: Channels::new(),
             metrics,

@@ -18,11 +18,13 @@
 //!   a delivery to an idle stream writes its frame directly instead.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
 //! - [`metrics`], [`log`](mod@log), [`config`]: operations.
+//! - [`cli`]: the command line (`demo`, `--help`, `--version`); settings are env vars only.
 //! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.
 
 pub mod body;
 pub mod callback;
 pub mod channels;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod demo;

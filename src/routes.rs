@@ -88,9 +88,11 @@ impl Routes {
             }
             _ if self.listener == Listener::Internal => not_found(),
             // Only in demo mode; otherwise `/_demo/` is a stream path like any other.
-            _ if crate::demo::reserves(&self.gateway.config, path) => {
-                crate::demo::serve(&self.gateway.config, request.method(), request.uri())
-            }
+            _ if crate::demo::reserves(self.gateway.demo.as_deref(), path) => crate::demo::serve(
+                self.gateway.demo.as_deref(),
+                request.method(),
+                request.uri(),
+            ),
             _ if request.method() == Method::GET => self.open_stream(request).await,
             _ => method_not_allowed("GET"),
         }
