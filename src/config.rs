@@ -8,7 +8,7 @@
 //! Configuration holds settings only, never runtime state.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::log::Level;
@@ -373,13 +373,13 @@ impl Config {
             value: self.host.to_string(),
             reason: format!(
                 "with neither {ENV_INTERNAL_SECRET} nor {ENV_INTERNAL_PORT} set, /internal/* \
-                 (send, publish, subscribe) would be open without authentication to every machine \
-                 that reaches {host}. Set one of: {ENV_INTERNAL_SECRET}=<secret> (require \
-                 `Authorization: Bearer <secret>`), {ENV_INTERNAL_PORT}=<port> (a separate listener \
-                 on {ENV_INTERNAL_HOST}, 127.0.0.1 by default), {ENV_HOST}=127.0.0.1 (loopback only), \
-                 or {ENV_INTERNAL_INSECURE}=1 (serve it unauthenticated anyway, e.g. on a private \
-                 network)",
-                host = SocketAddr::new(self.host, self.port),
+                 (send, publish, subscribe) would be served without authentication on {host}, \
+                 which other machines can reach. Set one of: {ENV_INTERNAL_SECRET}=<secret> \
+                 (require `Authorization: Bearer <secret>`), {ENV_INTERNAL_PORT}=<port> (move \
+                 /internal/* to {ENV_INTERNAL_HOST}, 127.0.0.1 by default), {ENV_HOST}=127.0.0.1 \
+                 (loopback only), or {ENV_INTERNAL_INSECURE}=1 (serve it unauthenticated anyway, \
+                 e.g. on a trusted private network)",
+                host = self.host,
             ),
         })
     }
