@@ -496,9 +496,15 @@ mod tests {
             "/_demo/token",
             "addEventListener",
             "lastEventId",
+            // A 7th stream on one origin waits; the page says why instead of looking broken.
+            "6 connections per origin",
+            "id=\"stalled\"",
+            // The answer box gives up on a request instead of showing "..." forever.
+            "AbortController",
         ] {
             assert!(PAGE.contains(needed), "{needed}");
         }
+        assert!(!PAGE.contains("lands with PROTOCOL"), "stale: channels exist");
     }
 
     #[test]
