@@ -1,7 +1,9 @@
 // What a real browser sees: headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core;
 // never a downloaded browser) against the real sse-gateway binary on 127.0.0.1, with a backend
 // double in this process. Run: `cargo build --bin sse-gateway && node --test tests/browser/`
-// (after `npm ci --prefix tests/browser`). SSE_GATEWAY_BIN and CHROMIUM_PATH override the paths.
+// (after `npm ci --prefix tests/browser`). The binary is found where cargo puts it
+// (CARGO_TARGET_DIR, else `cargo metadata`'s target_directory); SSE_GATEWAY_BIN and CHROMIUM_PATH
+// override the paths.
 //
 // Pages must share the gateway's origin (the gateway sends no CORS headers), so every page here is
 // the gateway's own demo page, `/_demo/?autoconnect=0` (demo mode with CALLBACK_URL pointing at the
@@ -9,7 +11,7 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { EventEmitter, once } from "node:events";
 import { mkdir, mkdtemp, rm, stat } from "node:fs/promises";
 import http from "node:http";
@@ -20,9 +22,20 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(ROOT, "target/debug/sse-gateway");
+
+/** Cargo's target directory for this workspace, found the way cargo finds it. */
+function targetDir() {
+  if (process.env.CARGO_TARGET_DIR) return path.resolve(process.env.CARGO_TARGET_DIR);
+  // Also honours `build.target-dir` in a .cargo/config.toml.
+  const metadata = execFileSync("cargo", ["metadata", "--format-version", "1", "--no-deps"],
+    { cwd: ROOT, encoding: "utf8", maxBuffer: 64 << 20 });
+  return JSON.parse(metadata).target_directory;
+}
+
+const TARGET = targetDir();
+const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(TARGET, "debug/sse-gateway");
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
-const SCREENSHOT = path.join(ROOT, "target/browser/demo-page.png");
+const SCREENSHOT = path.join(TARGET, "browser/demo-page.png");
 const SOON = 10_000;
 /// Host names that Chromium resolves to 127.0.0.1 (--host-resolver-rules), one origin each, so that
 /// 200 streams are not capped by HTTP/1.1's six connections per origin.
@@ -104,7 +117,7 @@ class Backend extends EventEmitter {
 /** The real gateway binary on 127.0.0.1 with PORT=0; `args` e.g. ["demo"]. */
 async function startGateway(args, env) {
   await stat(BIN).catch(() => {
-    throw new Error(`${BIN} is missing: run \`cargo build --bin sse-gateway\` first`);
+    throw new Error(`${BIN} is missing: run \`cargo build --bin sse-gateway\` first (or set SSE_GATEWAY_BIN)`);
   });
   const child = spawn(BIN, args, {
     env: { PATH: process.env.PATH, HOST: "127.0.0.1", PORT: "0", ...env },
