@@ -504,7 +504,10 @@ mod tests {
         ] {
             assert!(PAGE.contains(needed), "{needed}");
         }
-        assert!(!PAGE.contains("lands with PROTOCOL"), "stale: channels exist");
+        assert!(
+            !PAGE.contains("lands with PROTOCOL"),
+            "stale: channels exist"
+        );
     }
 
     #[test]
