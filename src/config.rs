@@ -3,6 +3,9 @@
 //! Owns parsing and validation only. Values come in through [`Config::from_lookup`] so tests pass a
 //! map instead of mutating the process environment. A malformed value is a [`ConfigError`] naming the
 //! variable and what it takes; nothing is silently replaced by a default (`main` exits with status 2).
+//! [`VARIABLES`] is the one list of variables, defaults and meanings: `--help` prints it, and a test
+//! checks it against the `ENV_*` constants, the parsed defaults and README's configuration table.
+//! Configuration holds settings only, never runtime state.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -30,6 +33,120 @@ pub const ENV_MAX_CHANNELS_PER_STREAM: &str = "MAX_CHANNELS_PER_STREAM";
 pub const ENV_CALLBACK_CONCURRENCY: &str = "CALLBACK_CONCURRENCY";
 pub const ENV_CALLBACK_RETRY_SECONDS: &str = "CALLBACK_RETRY_SECONDS";
 pub const ENV_INTERNAL_INSECURE: &str = "INTERNAL_INSECURE";
+
+/// One environment variable as `--help` and README's configuration table show it.
+#[derive(Clone, Copy, Debug)]
+pub struct Variable {
+    pub name: &'static str,
+    /// The value used when the variable is unset, as an operator would write it (`unset` and
+    /// `cores` are not values).
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every variable, in the order `--help` prints them.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: ENV_PORT,
+        default: "3000",
+        meaning: "public port; 0 picks a free port, printed as `public listener on http://...`",
+    },
+    Variable {
+        name: ENV_HOST,
+        default: "0.0.0.0",
+        meaning: "public address (IPv4 or IPv6)",
+    },
+    Variable {
+        name: ENV_CALLBACK_URL,
+        default: "unset",
+        meaning: "backend callback endpoint, http:// only; unset: streams answer 503, /readyz 503",
+    },
+    Variable {
+        name: ENV_CALLBACK_TIMEOUT_MS,
+        default: "5000",
+        meaning: "connect/disconnect callback timeout in milliseconds (>= 1)",
+    },
+    Variable {
+        name: ENV_HEARTBEAT_INTERVAL_SECONDS,
+        default: "15",
+        meaning: "heartbeat period in seconds (>= 1)",
+    },
+    Variable {
+        name: ENV_MAX_CONNECTIONS,
+        default: "0",
+        meaning: "open streams allowed at once (those whose connect callback is in flight count); 0 = no limit",
+    },
+    Variable {
+        name: ENV_MAX_QUEUE_BYTES,
+        default: "1048576",
+        meaning: "per-stream bound on frames not yet taken by the socket; a send past it closes the stream",
+    },
+    Variable {
+        name: ENV_MAX_SEND_BYTES,
+        default: "1048576",
+        meaning: "bound on /internal/* request bodies (413 past it)",
+    },
+    Variable {
+        name: ENV_INTERNAL_PORT,
+        default: "unset",
+        meaning: "when set, /internal/* and /metrics move to this listener (0 = any free port)",
+    },
+    Variable {
+        name: ENV_INTERNAL_HOST,
+        default: "127.0.0.1",
+        meaning: "address of the internal listener",
+    },
+    Variable {
+        name: ENV_INTERNAL_SECRET,
+        default: "unset",
+        meaning: "when set, /internal/* needs `Authorization: Bearer <secret>` (constant-time compare)",
+    },
+    Variable {
+        name: ENV_INTERNAL_INSECURE,
+        default: "0",
+        meaning: "1 = serve /internal/* without INTERNAL_SECRET on a public HOST that is not loopback (see the safe default)",
+    },
+    Variable {
+        name: ENV_SHUTDOWN_GRACE_SECONDS,
+        default: "10",
+        meaning: "how long SIGTERM/SIGINT waits for streams to flush and callbacks to finish",
+    },
+    Variable {
+        name: ENV_LOG_LEVEL,
+        default: "info",
+        meaning: "error, warn, info or debug",
+    },
+    Variable {
+        name: ENV_WORKER_THREADS,
+        default: "cores",
+        meaning: "tokio worker threads (>= 1); unset: one per core",
+    },
+    Variable {
+        name: ENV_MAX_HEADER_BYTES,
+        default: "16384",
+        meaning: "bound on a request's line plus headers (1024 to 16777216): 431, or 414 for a target alone over it",
+    },
+    Variable {
+        name: ENV_BODY_TIMEOUT_SECONDS,
+        default: "10",
+        meaning: "time a request body may take to arrive after its head (>= 1); 408 past it",
+    },
+    Variable {
+        name: ENV_MAX_CHANNELS_PER_STREAM,
+        default: "1024",
+        meaning: "channels one stream may be in; a subscribe past it is 400, a connect answer with more is 502",
+    },
+    Variable {
+        name: ENV_CALLBACK_CONCURRENCY,
+        default: "64",
+        meaning: "callbacks of each action in flight at once (1 to 4096); the rest wait in a queue",
+    },
+    Variable {
+        name: ENV_CALLBACK_RETRY_SECONDS,
+        default: "30",
+        meaning: "how long a disconnect callback that never reached the backend is retried (0 = no retry)",
+    },
+];
 
 /// A callback endpoint, split once at start-up so each callback only formats a request.
 #[derive(Clone, Debug)]
@@ -69,25 +186,51 @@ pub struct Config {
     pub callback_retry: Duration,
     /// `INTERNAL_INSECURE=1`: serve `/internal/*` unauthenticated on a non-loopback public listener.
     pub internal_insecure: bool,
-    /// Demo mode's state (`sse-gateway demo`, set only by `main`; never from the environment):
-    /// when `Some`, `/_demo/` is the demo page instead of a stream path.
-    pub demo: Option<std::sync::Arc<crate::demo::Demo>>,
 }
 
+/// Why start-up stops (exit status 2); every case names the variable to change.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub variable: &'static str,
-    pub value: String,
-    pub expected: &'static str,
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    Invalid {
+        variable: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A well-formed value that the gateway refuses, alone or with the others; `reason` says why
+    /// and what to set instead.
+    Refused {
+        variable: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The variable the message is about.
+    pub fn variable(&self) -> &'static str {
+        match self {
+            ConfigError::Invalid { variable, .. } | ConfigError::Refused { variable, .. } => {
+                variable
+            }
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid {}={:?}: expected {}",
-            self.variable, self.value, self.expected
-        )
+        match self {
+            ConfigError::Invalid {
+                variable,
+                value,
+                expected,
+            } => write!(f, "invalid {variable}={value:?}: expected {expected}"),
+            ConfigError::Refused {
+                variable,
+                value,
+                reason,
+            } => write!(f, "refusing {variable}={value:?}: {reason}"),
+        }
     }
 }
 
@@ -102,7 +245,7 @@ impl Config {
     /// Reads settings through `lookup`, which returns a variable's value if it is set.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let env = Env(&lookup);
-        Ok(Config {
+        let config = Config {
             host: env.parse(ENV_HOST, "an IP address", IpAddr::from([0, 0, 0, 0]))?,
             port: env.parse(ENV_PORT, "a port number 0-65535", 3000)?,
             callback_url: env
@@ -146,7 +289,7 @@ impl Config {
             )?,
             internal_secret: match env.get(ENV_INTERNAL_SECRET) {
                 Some(secret) if secret.is_empty() => {
-                    return Err(ConfigError {
+                    return Err(ConfigError::Invalid {
                         variable: ENV_INTERNAL_SECRET,
                         value: secret,
                         expected: "a non-empty secret (or leave it unset)",
@@ -202,14 +345,42 @@ impl Config {
                 None | Some("0") => false,
                 Some("1") => true,
                 Some(other) => {
-                    return Err(ConfigError {
+                    return Err(ConfigError::Invalid {
                         variable: ENV_INTERNAL_INSECURE,
                         value: other.to_owned(),
                         expected: "0 or 1",
                     })
                 }
             },
-            demo: None,
+        };
+        config.check_internal_exposure()?;
+        Ok(config)
+    }
+
+    /// PROTOCOL §9, safe by default: `/internal/*` is never served unauthenticated to other
+    /// machines by accident. With neither `INTERNAL_SECRET` nor `INTERNAL_PORT` set, the public
+    /// listener serves it, so that listener must be on loopback unless `INTERNAL_INSECURE=1`.
+    fn check_internal_exposure(&self) -> Result<(), ConfigError> {
+        if self.internal_secret.is_some()
+            || self.internal_port.is_some()
+            || self.internal_insecure
+            || self.host.to_canonical().is_loopback()
+        {
+            return Ok(());
+        }
+        Err(ConfigError::Refused {
+            variable: ENV_HOST,
+            value: self.host.to_string(),
+            reason: format!(
+                "with neither {ENV_INTERNAL_SECRET} nor {ENV_INTERNAL_PORT} set, /internal/* \
+                 (send, publish, subscribe) would be served without authentication on {host}, \
+                 which other machines can reach. Set one of: {ENV_INTERNAL_SECRET}=<secret> \
+                 (require `Authorization: Bearer <secret>`), {ENV_INTERNAL_PORT}=<port> (move \
+                 /internal/* to {ENV_INTERNAL_HOST}, 127.0.0.1 by default), {ENV_HOST}=127.0.0.1 \
+                 (loopback only), or {ENV_INTERNAL_INSECURE}=1 (serve it unauthenticated anyway, \
+                 e.g. on a trusted private network)",
+                host = self.host,
+            ),
         })
     }
 }
@@ -240,7 +411,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             None => Ok(None),
             Some(value) => match value.trim().parse() {
                 Ok(v) => Ok(Some(v)),
-                Err(_) => Err(ConfigError {
+                Err(_) => Err(ConfigError::Invalid {
                     variable: name,
                     value,
                     expected,
@@ -259,7 +430,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         match self.parse_opt(name, expected)? {
             None => Ok(default),
             Some(v) if range.contains(&v) => Ok(v),
-            Some(_) => Err(ConfigError {
+            Some(_) => Err(ConfigError::Invalid {
                 variable: name,
                 value: self.get(name).unwrap_or_default(),
                 expected,
@@ -269,7 +440,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
 }
 
 fn parse_callback_url(raw: String) -> Result<CallbackUrl, ConfigError> {
-    let invalid = |raw: String| ConfigError {
+    let invalid = |raw: String| ConfigError::Invalid {
         variable: ENV_CALLBACK_URL,
         value: raw,
         expected: "an absolute http:// URL such as http://127.0.0.1:8000/sse-callback",
@@ -278,6 +449,17 @@ fn parse_callback_url(raw: String) -> Result<CallbackUrl, ConfigError> {
         Ok(uri) => uri,
         Err(_) => return Err(invalid(raw)),
     };
+    if uri.scheme_str() == Some("https") {
+        return Err(ConfigError::Refused {
+            variable: ENV_CALLBACK_URL,
+            value: raw,
+            reason: "https:// is not supported: the gateway calls its backend over plain HTTP. \
+                     Use an http:// URL to a backend on the same host or private network, or put \
+                     a TLS-terminating proxy (for example a local nginx or envoy) in between and \
+                     point CALLBACK_URL at it over http://"
+                .to_owned(),
+        });
+    }
     if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
         return Err(invalid(raw));
     }
@@ -299,7 +481,8 @@ mod tests {
 
     #[test]
     fn defaults_match_the_protocol() {
-        let c = load(&[]).unwrap();
+        // A secret, so that the default HOST=0.0.0.0 passes the safe-default check.
+        let c = load(&[(ENV_INTERNAL_SECRET, "s")]).unwrap();
         assert_eq!(c.port, 3000);
         assert_eq!(c.host.to_string(), "0.0.0.0");
         assert!(c.callback_url.is_none());
@@ -328,6 +511,7 @@ mod tests {
             (ENV_PORT, "70000"),
             (ENV_HOST, "localhost:1"),
             (ENV_CALLBACK_URL, "ftp://x/y"),
+            (ENV_CALLBACK_URL, "https://127.0.0.1:9/cb"),
             (ENV_CALLBACK_URL, "not a url"),
             (ENV_CALLBACK_TIMEOUT_MS, "0"),
             (ENV_HEARTBEAT_INTERVAL_SECONDS, "0"),
@@ -350,7 +534,7 @@ mod tests {
             (ENV_INTERNAL_INSECURE, "yes"),
         ] {
             let err = load(&[(var, value)]).expect_err(var);
-            assert_eq!(err.variable, var, "{value}");
+            assert_eq!(err.variable(), var, "{value}");
             assert!(err.to_string().contains(var));
         }
     }
@@ -371,5 +555,107 @@ mod tests {
         assert_eq!(c.log_level, Level::Debug);
         assert_eq!(c.worker_threads, Some(1));
         assert_eq!(c.internal_port, Some(0));
+    }
+
+    #[test]
+    fn internal_routes_are_public_only_on_loopback_or_when_insecure_is_said() {
+        let refused = load(&[]).unwrap_err();
+        assert!(matches!(refused, ConfigError::Refused { .. }), "{refused}");
+        assert_eq!(refused.variable(), ENV_HOST);
+        let message = refused.to_string();
+        for fix in [
+            ENV_INTERNAL_SECRET,
+            ENV_INTERNAL_PORT,
+            ENV_HOST,
+            ENV_INTERNAL_INSECURE,
+        ] {
+            assert!(message.contains(fix), "{fix} in {message}");
+        }
+        for host in ["0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "fe80::1"] {
+            let err = load(&[(ENV_HOST, host)]).expect_err(host);
+            assert_eq!(err.variable(), ENV_HOST);
+            for fix in [
+                (ENV_INTERNAL_SECRET, "s"),
+                (ENV_INTERNAL_PORT, "0"),
+                (ENV_INTERNAL_INSECURE, "1"),
+            ] {
+                let c = load(&[(ENV_HOST, host), fix]).expect(host);
+                assert_eq!(c.host.to_string(), host);
+            }
+            assert!(load(&[(ENV_HOST, host), (ENV_INTERNAL_INSECURE, "0")]).is_err());
+        }
+        for loopback in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            let c = load(&[(ENV_HOST, loopback)]).expect(loopback);
+            assert!(!c.internal_insecure && c.internal_secret.is_none());
+        }
+    }
+
+    #[test]
+    fn an_https_callback_url_is_refused_with_what_to_do() {
+        let err = load(&[
+            (ENV_HOST, "127.0.0.1"),
+            (ENV_CALLBACK_URL, "https://backend.example/cb"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable(), ENV_CALLBACK_URL);
+        let message = err.to_string();
+        for needed in [
+            "https:// is not supported",
+            "http://",
+            "TLS-terminating proxy",
+        ] {
+            assert!(message.contains(needed), "{needed} in {message}");
+        }
+    }
+
+    /// Every `pub const ENV_*` in this file, read from its source so a new one cannot be missed.
+    fn env_constants() -> Vec<&'static str> {
+        include_str!("config.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub const ENV_"))
+            .filter_map(|l| l.split('"').nth(1))
+            .collect()
+    }
+
+    #[test]
+    fn the_table_lists_every_variable_once_with_its_parsed_default() {
+        let names: Vec<&str> = VARIABLES.iter().map(|v| v.name).collect();
+        let mut constants = env_constants();
+        assert!(constants.len() >= 20, "{constants:?}");
+        constants.sort_unstable();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, constants, "VARIABLES against the ENV_* constants");
+
+        // Setting a variable to its documented default changes nothing. The secret keeps the
+        // default HOST acceptable (and INTERNAL_SECRET's own default is "unset").
+        let base = [(ENV_INTERNAL_SECRET, "s")];
+        let defaults = format!("{:?}", load(&base).unwrap());
+        for v in VARIABLES {
+            if matches!(v.default, "unset" | "cores") {
+                continue;
+            }
+            let c = load(&[base[0], (v.name, v.default)]).expect(v.name);
+            assert_eq!(format!("{c:?}"), defaults, "{}={}", v.name, v.default);
+        }
+    }
+
+    #[test]
+    fn readme_configuration_table_matches() {
+        let readme = include_str!("../README.md");
+        for v in VARIABLES {
+            let prefix = format!("| `{}` | ", v.name);
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("README.md has no configuration row for {}", v.name));
+            let default = row[prefix.len()..].split(" | ").next().unwrap();
+            assert_eq!(
+                default.trim_matches('`'),
+                v.default,
+                "README default of {}",
+                v.name
+            );
+        }
     }
 }

@@ -174,21 +174,23 @@ impl Demo {
     }
 }
 
-/// True when demo mode runs and `path` is one of its own (`/_demo` or under `/_demo/`).
-pub fn reserves(config: &Config, path: &str) -> bool {
-    config.demo.is_some() && (path == "/_demo" || path.starts_with("/_demo/"))
+/// True when demo mode runs (`demo` is its state) and `path` is one of its own (`/_demo` or under
+/// `/_demo/`).
+pub fn reserves(demo: Option<&Demo>, path: &str) -> bool {
+    demo.is_some() && (path == "/_demo" || path.starts_with("/_demo/"))
 }
 
 /// Answers a path that [`reserves`] claimed.
-pub fn serve(config: &Config, method: &Method, uri: &Uri) -> Response<ResponseBody> {
-    match &config.demo {
+pub fn serve(demo: Option<&Demo>, method: &Method, uri: &Uri) -> Response<ResponseBody> {
+    match demo {
         Some(demo) => demo.serve(method, uri),
         None => json(StatusCode::NOT_FOUND, r#"{"error":"Not found"}"#),
     }
 }
 
 /// Demo mode before the runtime exists: the double's listener is bound (its URL goes into the
-/// config), and it starts serving once a runtime runs ([`Setup::spawn_backend`]).
+/// config), and it starts serving once a runtime runs ([`Setup::spawn_backend`]). The state the
+/// routes need is [`Setup::demo`]; the config holds settings only.
 pub struct Setup {
     demo: Arc<Demo>,
     backend: std::net::TcpListener,
@@ -216,16 +218,19 @@ impl Setup {
         &self,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut config = Config::from_lookup(|name| {
+        Config::from_lookup(|name| {
             lookup(name).or_else(|| match name {
                 ENV_HOST => Some("127.0.0.1".to_owned()),
                 ENV_PORT => Some("3000".to_owned()),
                 ENV_CALLBACK_URL => Some(self.demo.backend_url.clone()),
                 _ => None,
             })
-        })?;
-        config.demo = Some(self.demo.clone());
-        Ok(config)
+        })
+    }
+
+    /// Demo mode's state, for the gateway's routes and [`announce`].
+    pub fn demo(&self) -> Arc<Demo> {
+        self.demo.clone()
     }
 
     /// Starts the backend double on the current tokio runtime.
@@ -238,8 +243,7 @@ impl Setup {
 
 /// Prints where to point a browser (whatever `LOG_LEVEL` says), and warns when the page cannot
 /// learn its token because `CALLBACK_URL` points elsewhere.
-pub fn announce(config: &Config, public: SocketAddr) {
-    let Some(demo) = &config.demo else { return };
+pub fn announce(config: &Config, demo: &Demo, public: SocketAddr) {
     if config
         .callback_url
         .as_ref()
@@ -492,9 +496,18 @@ mod tests {
             "/_demo/token",
             "addEventListener",
             "lastEventId",
+            // A 7th stream on one origin waits; the page says why instead of looking broken.
+            "6 connections per origin",
+            "id=\"stalled\"",
+            // The answer box gives up on a request instead of showing "..." forever.
+            "AbortController",
         ] {
             assert!(PAGE.contains(needed), "{needed}");
         }
+        assert!(
+            !PAGE.contains("lands with PROTOCOL"),
+            "stale: channels exist"
+        );
     }
 
     #[test]
@@ -506,7 +519,6 @@ mod tests {
         let backend = &setup.demo.backend_url;
         assert!(backend.starts_with("http://127.0.0.1:"), "{backend}");
         assert_eq!(config.callback_url.unwrap().raw, *backend);
-        assert!(config.demo.is_some());
 
         let config = setup
             .config_from(|name| match name {
@@ -521,7 +533,7 @@ mod tests {
         let err = setup
             .config_from(|name| (name == "PORT").then(|| "x".into()))
             .unwrap_err();
-        assert_eq!(err.variable, "PORT");
+        assert_eq!(err.variable(), "PORT");
     }
 
     #[test]
@@ -538,9 +550,10 @@ mod tests {
             page_url("127.0.0.5:1".parse().unwrap()),
             "http://127.0.0.5:1/_demo/"
         );
-        assert!(!reserves(
-            &Config::from_lookup(|_| None).unwrap(),
-            "/_demo/"
-        ));
+        assert!(!reserves(None, "/_demo/"));
+        let demo = Demo::new("http://x/cb".into());
+        assert!(reserves(Some(&demo), "/_demo/"));
+        assert!(reserves(Some(&demo), "/_demo"));
+        assert!(!reserves(Some(&demo), "/_demox"));
     }
 }

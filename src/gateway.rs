@@ -16,6 +16,7 @@ use crate::callback::{Callbacks, Outcome};
 use crate::channels::{self, Channels, TooManyChannels};
 use crate::command;
 use crate::config::Config;
+use crate::demo::Demo;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -33,6 +34,9 @@ const FANOUT_CHUNK_BYTES: usize = 4 << 20;
 
 pub struct Gateway {
     pub config: Config,
+    /// Demo mode's state (`sse-gateway demo`): when `Some`, `/_demo/` is the demo page instead of
+    /// a stream path.
+    pub demo: Option<Arc<Demo>>,
     pub registry: Registry,
     pub channels: Channels,
     pub metrics: Arc<Metrics>,
@@ -73,7 +77,7 @@ pub enum MembershipError {
     TooManyChannels(TooManyChannels),
 }
 impl Gateway {
-    pub fn new(config: Config) -> Arc<Gateway> {
+    pub fn new(config: Config, demo: Option<Arc<Demo>>) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::default());
         let callbacks = config
             .callback_url
@@ -81,6 +85,7 @@ impl Gateway {
             .map(|url| Arc::new(Callbacks::new(url, &config, metrics.clone())));
         Arc::new(Gateway {
             config,
+            demo,
             registry: Registry::new(),
             channels: Channels::new(),
             metrics,

@@ -5,9 +5,12 @@
 //! Data flows accept → route → callback → registry → frame → (queue → writer) → socket:
 //! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
 //! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer.
-//! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; validation and statuses.
-//! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks.
-//! - [`gateway`]: shared state and a stream's life cycle (admission, open, the one end report).
+//! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; statuses and JSON bodies.
+//! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order.
+//! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks; the disconnect
+//!   queue and its retries.
+//! - [`gateway`]: shared state, a stream's life cycle (admission, open, the one end report), and the
+//!   operations API (send, publish, subscribe, unsubscribe) that routes call.
 //! - [`registry`]: the sharded slab of open streams, addressed by token.
 //! - [`channels`]: named channels' members, for one-request fan-out.
 //! - [`token`]: UUID v4 tokens that carry their registry address.
@@ -18,11 +21,13 @@
 //!   a delivery to an idle stream writes its frame directly instead.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
 //! - [`metrics`], [`log`](mod@log), [`config`]: operations.
+//! - [`cli`]: the command line (`demo`, `--help`, `--version`); settings are env vars only.
 //! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.
 
 pub mod body;
 pub mod callback;
 pub mod channels;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod connection;

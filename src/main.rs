@@ -1,25 +1,42 @@
-//! The `sse-gateway` binary: read the environment, bind, serve until SIGTERM/SIGINT.
+//! The `sse-gateway` binary: read the command line and the environment, bind, serve until
+//! SIGTERM/SIGINT. Exit status 2 for a bad argument or setting, 1 when a listener cannot be bound.
 
 use std::process::ExitCode;
 
+use sse_gateway::cli::{self, Command};
 use sse_gateway::{demo, log, log::Level, server, Config, Listeners};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    disable_transparent_huge_pages();
+    let command = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(command) => command,
+        Err(err) => {
+            eprintln!("sse-gateway: {err}");
+            return ExitCode::from(2);
+        }
+    };
     // `sse-gateway demo`: a built-in backend double and a page at /_demo/ (see `demo`).
-    let demo = match std::env::args().nth(1).as_deref() {
-        Some("demo") => match demo::Setup::bind() {
+    let demo = match command {
+        Command::Help => {
+            print!("{}", cli::usage());
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!("{}", cli::version());
+            return ExitCode::SUCCESS;
+        }
+        Command::Serve => None,
+        Command::Demo => match demo::Setup::bind() {
             Ok(setup) => Some(setup),
             Err(err) => {
                 eprintln!("sse-gateway: cannot bind the demo backend: {err}");
                 return ExitCode::from(1);
             }
         },
-        _ => None,
     };
+    disable_transparent_huge_pages();
     let config = match demo
         .as_ref()
         .map_or_else(Config::from_env, demo::Setup::config)
@@ -47,21 +64,27 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let listeners = match Listeners::bind(&config).and_then(|l| {
-            server::describe(&config, &l)?;
-            if let Some(demo) = demo {
-                demo.spawn_backend()?;
-                demo::announce(&config, l.public.local_addr()?);
-            }
-            Ok(l)
-        }) {
+        let listeners = match Listeners::bind(&config) {
             Ok(listeners) => listeners,
             Err(err) => {
-                log!(Level::Error, "cannot listen: {err}");
+                log!(Level::Error, "{err}");
                 return ExitCode::from(1);
             }
         };
-        server::run(config, listeners, shutdown).await;
+        let demo_state = demo.as_ref().map(demo::Setup::demo);
+        let started = server::describe(&config, &listeners).and_then(|()| {
+            if let Some(setup) = demo {
+                let state = setup.demo();
+                setup.spawn_backend()?;
+                demo::announce(&config, &state, listeners.public.local_addr()?);
+            }
+            Ok(())
+        });
+        if let Err(err) = started {
+            log!(Level::Error, "cannot start: {err}");
+            return ExitCode::from(1);
+        }
+        server::run(config, demo_state, listeners, shutdown).await;
         ExitCode::SUCCESS
     })
 }

@@ -84,9 +84,11 @@ impl Routes {
             }
             _ if self.listener == Listener::Internal => not_found(),
             // Only in demo mode; otherwise `/_demo/` is a stream path like any other.
-            _ if crate::demo::reserves(&self.gateway.config, path) => {
-                crate::demo::serve(&self.gateway.config, request.method(), request.uri())
-            }
+            _ if crate::demo::reserves(self.gateway.demo.as_deref(), path) => crate::demo::serve(
+                self.gateway.demo.as_deref(),
+                request.method(),
+                request.uri(),
+            ),
             _ if request.method() == Method::GET => self.open_stream(request).await,
             _ => method_not_allowed("GET"),
         }
@@ -295,8 +297,13 @@ async fn read_object(request: Request<Incoming>, max: usize) -> Result<command::
 }
 
 /// Compares the bearer token in constant time for a given length; only the length can leak.
+/// The scheme is case-insensitive (RFC 9110 §11.1: `bearer x` and `BEARER x` are `Bearer x`),
+/// followed by one space; the secret is compared exactly.
 fn bearer_matches(authorization: Option<&HeaderValue>, secret: &str) -> bool {
-    let Some(given) = authorization.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")) else {
+    let Some(given) = authorization.and_then(|v| {
+        let (scheme, rest) = v.as_bytes().split_at_checked(7)?;
+        scheme.eq_ignore_ascii_case(b"Bearer ").then_some(rest)
+    }) else {
         return false;
     };
     let secret = secret.as_bytes();
@@ -364,12 +371,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bearer_needs_the_exact_secret() {
+    fn bearer_needs_the_exact_secret_and_any_case_of_the_scheme() {
         let check = |v: &'static str| bearer_matches(Some(&HeaderValue::from_static(v)), "s3cret");
         assert!(check("Bearer s3cret"));
+        assert!(check("bearer s3cret"));
+        assert!(check("BEARER s3cret"));
+        assert!(check("bEaReR s3cret"));
         assert!(!check("Bearer s3cre"));
         assert!(!check("Bearer s3cret!"));
-        assert!(!check("bearer s3cret"));
+        assert!(!check("Bearer S3CRET"));
+        assert!(!check("Bearer"));
+        assert!(!check("Bearer "));
+        assert!(!check("Bearers3cret"));
+        assert!(!check("Basic s3cret"));
         assert!(!check("s3cret"));
         assert!(!bearer_matches(None, "s3cret"));
     }

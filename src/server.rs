@@ -8,6 +8,7 @@
 //! shutdown alone never finishes while an SSE body is open (hyper#2787), which is why streams are
 //! ended first. Routing is [`crate::routes`]'s business, not this module's.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +20,11 @@ use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{
+    Config, ENV_CALLBACK_URL, ENV_HOST, ENV_INTERNAL_HOST, ENV_INTERNAL_INSECURE,
+    ENV_INTERNAL_PORT, ENV_PORT,
+};
+use crate::demo::Demo;
 use crate::gateway::Gateway;
 use crate::log::Level;
 use crate::routes::Listener;
@@ -34,13 +39,55 @@ pub struct Listeners {
     pub internal: Option<TcpListener>,
 }
 
+/// A listener that could not be bound: its address, the variables that chose it, and why.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: SocketAddr,
+    /// `"HOST, PORT"` or `"INTERNAL_HOST, INTERNAL_PORT"`.
+    pub variables: String,
+    pub source: io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot listen on {} ({}): {}",
+            self.addr, self.variables, self.source
+        )
+    }
+}
+
+impl std::error::Error for BindError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 impl Listeners {
     /// Binds `HOST:PORT` and, when `INTERNAL_PORT` is set, `INTERNAL_HOST:INTERNAL_PORT`.
-    pub fn bind(config: &Config) -> io::Result<Listeners> {
-        let public = bind(SocketAddr::new(config.host, config.port))?;
+    pub fn bind(config: &Config) -> Result<Listeners, BindError> {
+        let bind_named = |addr: SocketAddr, host: &str, port: &str| {
+            bind(addr).map_err(|source| BindError {
+                addr,
+                variables: format!("{host}, {port}"),
+                source,
+            })
+        };
+        let public = bind_named(
+            SocketAddr::new(config.host, config.port),
+            ENV_HOST,
+            ENV_PORT,
+        )?;
         let internal = config
             .internal_port
-            .map(|port| bind(SocketAddr::new(config.internal_host, port)))
+            .map(|port| {
+                bind_named(
+                    SocketAddr::new(config.internal_host, port),
+                    ENV_INTERNAL_HOST,
+                    ENV_INTERNAL_PORT,
+                )
+            })
             .transpose()?;
         Ok(Listeners { public, internal })
     }
@@ -57,10 +104,15 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Serves until `shutdown` resolves, then drains and returns.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+/// Serves until `shutdown` resolves, then drains and returns. `demo` is demo mode's state, if on.
+pub async fn run(
+    config: Config,
+    demo: Option<Arc<Demo>>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) {
     let grace = config.shutdown_grace;
-    let gateway = Gateway::new(config);
+    let gateway = Gateway::new(config, demo);
     let heartbeat = tokio::spawn(crate::heartbeat::run(gateway.clone()));
     // Every connection task and stream writer holds a receiver: `closed()` is "all of them are gone".
     let (drain, drain_rx) = watch::channel(false);
@@ -162,7 +214,7 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
-/// Logs the start-up lines: listener addresses and settings.
+/// Logs the start-up lines: listener addresses, settings, and what a setting leaves unserved or open.
 pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     // The addresses are printed whatever LOG_LEVEL says: with PORT=0 they are the only way to
     // learn the port.
@@ -180,7 +232,7 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     }
     log!(
         Level::Info,
-        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={}",
+        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={}",
         config.callback_url.as_ref().map_or("(unset)", |u| u.raw.as_str()),
         config.callback_timeout.as_millis(),
         config.heartbeat_interval.as_secs(),
@@ -191,6 +243,28 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
         config.shutdown_grace.as_secs(),
         config.log_level,
         config.worker_threads.map_or("cores".to_string(), |n| n.to_string()),
+        config.max_header_bytes,
+        config.body_timeout.as_secs(),
+        config.max_channels_per_stream,
+        config.callback_concurrency,
+        config.callback_retry.as_secs(),
+        u8::from(config.internal_insecure),
     );
+    if config.callback_url.is_none() {
+        log!(
+            Level::Warn,
+            "{ENV_CALLBACK_URL} is not set: every stream is refused with 503 until it is (set it to the backend's callback endpoint and restart); /readyz answers 503"
+        );
+    }
+    if listeners.internal.is_none()
+        && config.internal_secret.is_none()
+        && config.internal_insecure
+        && !public.ip().to_canonical().is_loopback()
+    {
+        log!(
+            Level::Warn,
+            "{ENV_INTERNAL_INSECURE}=1: /internal/* is served without authentication on http://{public}"
+        );
+    }
     Ok(())
 }

@@ -207,23 +207,14 @@ fn demo_mode_serves_its_page_and_wires_a_stream_to_the_real_internal_api() {
     );
     stream.wait_for("event: greeting\nid: 1\ndata: hi\ndata: there\n\n");
 
-    // The connect answer put the stream in channel `demo` (PROTOCOL §8); before channels land,
-    // publish is an unknown internal route.
+    // The connect answer put the stream in channel `demo` (PROTOCOL §8).
     let body = r#"{"channel":"demo","event":{"data":"to everyone"}}"#;
     let published = request(&addr, "POST", "/internal/publish", body);
-    match published.status {
-        200 => {
-            assert_eq!(
-                json(&published.body),
-                json(r#"{"status":"ok","delivered":1}"#)
-            );
-            stream.wait_for("data: to everyone\n\n");
-        }
-        status => assert_eq!(
-            (status, json(&published.body)),
-            (404, json(r#"{"error":"Not found"}"#))
-        ),
-    }
+    assert_eq!(
+        (published.status, json(&published.body)),
+        (200, json(r#"{"status":"ok","delivered":1}"#))
+    );
+    stream.wait_for("data: to everyone\n\n");
 
     // Closing the stream makes the backend forget the token (its disconnect callback).
     let close = serde_json::json!({"token": token, "close": true});

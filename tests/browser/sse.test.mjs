@@ -1,7 +1,9 @@
 // What a real browser sees: headless Chromium (Debian's /usr/bin/chromium, driven by playwright-core;
 // never a downloaded browser) against the real sse-gateway binary on 127.0.0.1, with a backend
 // double in this process. Run: `cargo build --bin sse-gateway && node --test tests/browser/`
-// (after `npm ci --prefix tests/browser`). SSE_GATEWAY_BIN and CHROMIUM_PATH override the paths.
+// (after `npm ci --prefix tests/browser`). The binary is found where cargo puts it
+// (CARGO_TARGET_DIR, else `cargo metadata`'s target_directory); SSE_GATEWAY_BIN and CHROMIUM_PATH
+// override the paths.
 //
 // Pages must share the gateway's origin (the gateway sends no CORS headers), so every page here is
 // the gateway's own demo page, `/_demo/?autoconnect=0` (demo mode with CALLBACK_URL pointing at the
@@ -9,7 +11,7 @@
 
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { EventEmitter, once } from "node:events";
 import { mkdir, mkdtemp, rm, stat } from "node:fs/promises";
 import http from "node:http";
@@ -20,9 +22,20 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(ROOT, "target/debug/sse-gateway");
+
+/** Cargo's target directory for this workspace, found the way cargo finds it. */
+function targetDir() {
+  if (process.env.CARGO_TARGET_DIR) return path.resolve(process.env.CARGO_TARGET_DIR);
+  // Also honours `build.target-dir` in a .cargo/config.toml.
+  const metadata = execFileSync("cargo", ["metadata", "--format-version", "1", "--no-deps"],
+    { cwd: ROOT, encoding: "utf8", maxBuffer: 64 << 20 });
+  return JSON.parse(metadata).target_directory;
+}
+
+const TARGET = targetDir();
+const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(TARGET, "debug/sse-gateway");
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
-const SCREENSHOT = path.join(ROOT, "target/browser/demo-page.png");
+const SCREENSHOT = path.join(TARGET, "browser/demo-page.png");
 const SOON = 10_000;
 /// Host names that Chromium resolves to 127.0.0.1 (--host-resolver-rules), one origin each, so that
 /// 200 streams are not capped by HTTP/1.1's six connections per origin.
@@ -104,7 +117,7 @@ class Backend extends EventEmitter {
 /** The real gateway binary on 127.0.0.1 with PORT=0; `args` e.g. ["demo"]. */
 async function startGateway(args, env) {
   await stat(BIN).catch(() => {
-    throw new Error(`${BIN} is missing: run \`cargo build --bin sse-gateway\` first`);
+    throw new Error(`${BIN} is missing: run \`cargo build --bin sse-gateway\` first (or set SSE_GATEWAY_BIN)`);
   });
   const child = spawn(BIN, args, {
     env: { PATH: process.env.PATH, HOST: "127.0.0.1", PORT: "0", ...env },
@@ -430,25 +443,19 @@ describe("the demo page", () => {
     await page.waitForSelector('#answer[data-status="200"]', { timeout: SOON });
     await page.waitForSelector('#log li.event[data-type="custom-name"]', { timeout: SOON });
 
-    // Publish to channel demo: both pages get it once channels exist; before that, the 404 shows.
+    // Publish to channel demo (the built-in backend put both pages in it): both get it.
     await page.fill("#f-name", "");
     await page.fill("#f-data", "to every demo page");
     await page.click("#publish");
     await page.waitForFunction(() => /^\d{3}$/.test(document.getElementById("answer").dataset.status ?? ""), null, { timeout: SOON });
-    const status = await page.getAttribute("#answer", "data-status");
-    const answerText = await page.textContent("#answer");
-    if (status === "200") {
-      assert.match(answerText, /^200 \{"status":"ok","delivered":2\}/);
-      for (const p of [page, other]) {
-        await p.waitForFunction(() => [...document.querySelectorAll("#log li.event pre.data")]
-          .some((e) => e.textContent === "to every demo page"), null, { timeout: SOON });
-      }
-    } else {
-      assert.equal(status, "404");
-      assert.match(answerText, /^404 \{"error":"Not found"\}/);
+    assert.equal(await page.getAttribute("#answer", "data-status"), "200");
+    assert.equal(await page.textContent("#answer"), '200 {"status":"ok","delivered":2}');
+    for (const p of [page, other]) {
+      await p.waitForFunction(() => [...document.querySelectorAll("#log li.event pre.data")]
+        .some((e) => e.textContent === "to every demo page"), null, { timeout: SOON });
     }
-    assert.equal(await other.locator("#log li.event").count(), status === "200" ? 1 : 0);
-    assert.equal(await page.textContent("#count"), status === "200" ? "3" : "2");
+    assert.equal(await other.locator("#log li.event").count(), 1);
+    assert.equal(await page.textContent("#count"), "3");
 
     await mkdir(path.dirname(SCREENSHOT), { recursive: true });
     await page.screenshot({ path: SCREENSHOT, fullPage: true });
@@ -465,5 +472,39 @@ describe("the demo page", () => {
     assert.equal(await page.getAttribute("#state", "data-state"), "open");
     await page.close();
     await other.close();
+  });
+
+  test("a 7th stream on one origin waits: the page says why, and its answer box gives up after 5 s", async () => {
+    const page = await context.newPage();
+    await page.goto(`${gw.origin}/_demo/?autoconnect=0`);
+    // Six streams from this page take every HTTP/1.1 connection Chromium allows this origin.
+    await page.evaluate(() => {
+      window.held = Array.from({ length: 6 }, (_, i) => new EventSource(`/t/held/${i}`));
+    });
+    await page.waitForFunction(() => window.held.every((s) => s.readyState === 1), null, { timeout: SOON });
+    assert.equal(await page.isVisible("#stalled"), false);
+
+    // The page's own stream is the 7th: it waits, and after a few seconds the page says why.
+    await page.click("#connect");
+    await page.waitForSelector("#stalled", { state: "visible", timeout: SOON });
+    assert.match(await page.textContent("#stalled"), /6 connections per origin/);
+    assert.equal(await page.getAttribute("#state", "data-state"), "connecting");
+
+    // A send waits for a connection too; the answer box gives up instead of hanging.
+    const sent = Date.now();
+    await page.click("#send-me");
+    assert.equal(await page.textContent("#answer"), "...");
+    await page.waitForSelector('#answer[data-status="timeout"]', { timeout: SOON });
+    const waited = Date.now() - sent;
+    assert.ok(waited >= 4500 && waited < 9000, `gave up after ${waited} ms`);
+    assert.match(await page.textContent("#answer"), /^no answer within 5 s/);
+    assert.equal(await page.getAttribute("#answer", "data-ok"), "false");
+
+    // One stream closes: the 7th opens and the note goes away.
+    await page.evaluate(() => window.held[0].close());
+    await page.waitForSelector('#state[data-state="open"]', { timeout: SOON });
+    await page.waitForSelector("#stalled", { state: "hidden", timeout: SOON });
+    await page.evaluate(() => window.held.forEach((s) => s.close()));
+    await page.close();
   });
 });
