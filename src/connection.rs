@@ -2,7 +2,7 @@
 //!
 //! Owns the driver around hyper's HTTP/1.1 connection. Every request is parsed, routed and answered
 //! by hyper; when the answer is an accepted stream, hyper writes the response head, the body offers
-//! its stream at the [`Handoff`], and once the head is flushed the driver takes the socket back
+//! its stream at the [`Handoff`] (see [`crate::body`]), and once the head is flushed the driver takes the socket back
 //! (`Connection::into_parts`) and spawns the stream's [`writer`](crate::writer) on it. The hyper
 //! connection, its two 8 KiB buffers and its task are freed then; an idle stream is left costing
 //! only its writer task, its registry entry and its socket. The driver also passes the drain signal
@@ -11,60 +11,20 @@
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::gateway::{Gateway, StreamGuard};
+use crate::body::Handoff;
+use crate::gateway::Gateway;
 use crate::routes::{Listener, Routes};
 use crate::writer::StreamWriter;
 use crate::{log, log::Level};
-
-/// The meeting point of a connection's stream body and its driver. The IO wrapper counts writes so
-/// the driver can tell that the head went out after the body was first polled.
-#[derive(Default)]
-pub struct Handoff {
-    offer: Mutex<Option<Offer>>,
-    writes: AtomicU64,
-    write_blocked: AtomicBool,
-}
-
-struct Offer {
-    guard: StreamGuard,
-    chunked: bool,
-    /// `writes` when the body was polled: the head is still in hyper's buffer at that point.
-    writes_at: u64,
-}
-
-impl Handoff {
-    pub fn offer(&self, guard: StreamGuard, chunked: bool) {
-        let writes_at = self.writes.load(Relaxed);
-        *self.offer.lock() = Some(Offer {
-            guard,
-            chunked,
-            writes_at,
-        });
-    }
-
-    /// True once a stream was offered and hyper has since written, with nothing left blocked: hyper
-    /// flushes until its buffer is empty or the socket would block, so the head is fully out.
-    fn ready(&self) -> bool {
-        self.offer.lock().as_ref().is_some_and(|offer| {
-            self.writes.load(Relaxed) > offer.writes_at && !self.write_blocked.load(Relaxed)
-        })
-    }
-
-    fn take(&self) -> Option<Offer> {
-        self.offer.lock().take()
-    }
-}
 
 /// hyper's IO: the socket, plus write bookkeeping for the [`Handoff`].
 struct HandoffIo {
@@ -74,10 +34,7 @@ struct HandoffIo {
 
 impl HandoffIo {
     fn record<T>(&self, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        self.handoff.write_blocked.store(poll.is_pending(), Relaxed);
-        if poll.is_ready() {
-            self.handoff.writes.fetch_add(1, Relaxed);
-        }
+        self.handoff.wrote(poll.is_pending());
         poll
     }
 }

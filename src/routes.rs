@@ -17,10 +17,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use crate::body::{ResponseBody, StreamBody};
+use crate::body::{Handoff, ResponseBody, StreamBody};
 use crate::callback::{encode_request, Outcome};
 use crate::channels;
-use crate::connection::Handoff;
 use crate::frame::{self, Event};
 use crate::gateway::{Gateway, OpenError, Overflowed};
 use crate::log::Level;
