@@ -10,6 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -191,7 +192,8 @@ impl Routes {
         if request.method() != Method::POST {
             return method_not_allowed("POST");
         }
-        let object = match read_object(request, self.gateway.config.max_send_bytes).await {
+        let config = &self.gateway.config;
+        let object = match read_object(request, config.max_send_bytes, config.body_timeout).await {
             Ok(object) => object,
             Err(answer) => return answer,
         };
@@ -398,9 +400,22 @@ fn parse_close(object: &Map<String, Value>) -> Result<bool, &'static str> {
     }
 }
 
-/// Reads a body of at most `max` bytes and parses it as a JSON object; the error is the answer.
-async fn read_object(request: Request<Incoming>, max: usize) -> Result<Map<String, Value>, Answer> {
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
+/// Reads a body of at most `max` bytes, complete within `within` of the head, and parses it as a
+/// JSON object; the error is the answer. A refusal before the body's end says `Connection: close`:
+/// the unread rest is discarded by the connection's lingering close, never parsed as a request.
+async fn read_object(
+    request: Request<Incoming>,
+    max: usize,
+    within: Duration,
+) -> Result<Map<String, Value>, Answer> {
+    let closing = |status, message| {
+        let mut answer = error(status, message);
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        answer
+    };
+    let too_large = || closing(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -409,16 +424,18 @@ async fn read_object(request: Request<Incoming>, max: usize) -> Result<Map<Strin
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
     }
-    let body = match Limited::new(request.into_body(), max).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(err) => {
+    let read = tokio::time::timeout(within, Limited::new(request.into_body(), max).collect());
+    let body = match read.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(err)) => {
             log!(Level::Debug, "request body read failed: {err}");
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "Invalid request: body could not be read",
             ));
         }
+        Err(_) => return Err(closing(StatusCode::REQUEST_TIMEOUT, "Request timeout")),
     };
     match serde_json::from_slice(&body) {
         Ok(Value::Object(object)) => Ok(object),
