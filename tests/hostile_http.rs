@@ -442,3 +442,85 @@ async fn a_thousand_streams_with_15_kib_of_headers_stay_within_their_budget() {
     );
     assert_eq!(streams.len(), STREAMS + AT_ONCE);
 }
+
+/// Writes `chunk` every `every` until a write fails; returns the bytes written and when it failed
+/// (`None` if nothing failed within `within`).
+async fn write_until_refused(
+    sock: &mut TcpStream,
+    chunk: &[u8],
+    every: Duration,
+    within: Duration,
+) -> (usize, Option<Duration>) {
+    let started = Instant::now();
+    let mut written = 0;
+    while started.elapsed() < within {
+        match timeout(within, sock.write_all(chunk)).await {
+            Ok(Ok(())) => written += chunk.len(),
+            Ok(Err(_)) => return (written, Some(started.elapsed())),
+            Err(_) => break,
+        }
+        if !every.is_zero() {
+            tokio::time::sleep(every).await;
+        }
+    }
+    (written, None)
+}
+
+/// After an early answer the gateway reads and discards for up to 2 s, or until it discarded
+/// `MAX_SEND_BYTES` + 1 MiB, then closes (a write after the close is refused with a reset).
+#[tokio::test]
+async fn a_lingering_close_lasts_up_to_2_s_or_max_send_bytes_plus_1_mib() {
+    const LINGER_TIME: Duration = Duration::from_secs(2);
+    const MAX_SEND: usize = 1024;
+    let backend = Backend::start().await;
+    let gw = Gateway::builder()
+        .callback(&backend)
+        .env("MAX_SEND_BYTES", MAX_SEND.to_string())
+        .spawn()
+        .await;
+    let declared = b"POST /internal/send HTTP/1.1\r\nHost: gw\r\nContent-Length: 100000000\r\n\r\n";
+
+    // A trickle: the time bound ends the linger.
+    let mut trickle = TcpStream::connect(gw.addr).await.unwrap();
+    trickle.write_all(declared).await.unwrap();
+    let (status, _) = read_answer(&mut trickle, SOON).await.expect("a 413");
+    assert_eq!(status, 413);
+    let (_, refused_at) = write_until_refused(
+        &mut trickle,
+        b"x",
+        Duration::from_millis(50),
+        3 * LINGER_TIME,
+    )
+    .await;
+    let refused_at = refused_at.expect("the gateway closed after lingering");
+    assert!(
+        refused_at >= LINGER_TIME - Duration::from_millis(300),
+        "closed after {refused_at:?}, before the 2 s linger"
+    );
+    assert!(
+        refused_at <= LINGER_TIME + Duration::from_millis(1500),
+        "closed after {refused_at:?}"
+    );
+
+    // A flood: the byte bound ends it long before 2 s, and everything up to it was taken.
+    let mut flood = TcpStream::connect(gw.addr).await.unwrap();
+    flood.write_all(declared).await.unwrap();
+    let (status, _) = read_answer(&mut flood, SOON).await.expect("a 413");
+    assert_eq!(status, 413);
+    let (written, refused_at) = write_until_refused(
+        &mut flood,
+        &[b'y'; 64 * 1024],
+        Duration::ZERO,
+        3 * LINGER_TIME,
+    )
+    .await;
+    let refused_at = refused_at.expect("the gateway closed after discarding its bound");
+    assert!(
+        written >= MAX_SEND + (1 << 20),
+        "refused after only {written} B"
+    );
+    assert!(
+        refused_at < LINGER_TIME / 2,
+        "the byte bound did not end the linger ({refused_at:?}, {written} B)"
+    );
+}
