@@ -11,7 +11,7 @@
 //!
 //! The edge bounds:
 //! - **Request head**: the IO wrapper lets hyper buffer at most `MAX_HEADER_BYTES` + [`HEAD_SLACK`]
-//!   bytes of a head; past that the driver answers 431 (or 414) in JSON itself. Within that, [`Edge`]
+//!   bytes of a head; past that the driver answers 431 (or 414) in JSON itself. Within that, `Edge`
 //!   measures the parsed head against `MAX_HEADER_BYTES` before routing, so no callback is made.
 //! - **Header read timeout**: hyper's own (30 s from accept or from the end of the previous
 //!   response); hyper closes silently, the driver answers 408 in JSON first.
@@ -57,9 +57,9 @@ use crate::{log, log::Level};
 /// previous response was written (hyper's header read timeout, which covers both).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes past `MAX_HEADER_BYTES` that hyper may buffer before the driver refuses the head itself.
-/// Heads up to the bound plus this reach [`Edge`], which measures them as sent (exactly for the
-/// usual `name: value` form); the slack also lets the driver see where a long request target ends,
-/// to tell 414 from 431. Cost: a big head's buffer is 1 KiB larger, only while it is parsed.
+/// Heads up to the bound plus this reach the `Edge` service, which measures them as sent (exactly
+/// for the usual `name: value` form); the slack also lets the driver see where a long request
+/// target ends, to tell 414 from 431. Cost: a big head's buffer is 1 KiB larger while it is parsed.
 pub const HEAD_SLACK: usize = 1024;
 /// How long a lingering close may read and discard (nginx's `lingering_time`, shortened: the
 /// longest answer we give before the body is read is tiny, and a client writing its body at less
