@@ -4,7 +4,8 @@
 //! # Layout
 //! Data flows accept → route → callback → registry → frame → (queue → writer) → socket:
 //! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
-//! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer.
+//! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer;
+//!   the edge bounds (request head size, 408 on a slow head, lingering close).
 //! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; statuses and JSON bodies.
 //! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order.
 //! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks; the disconnect
@@ -16,7 +17,8 @@
 //! - [`token`]: UUID v4 tokens that carry their registry address.
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
-//! - [`body`]: response bodies; a stream's body hands the stream over once hyper wrote the head.
+//! - [`body`]: response bodies; a stream's body hands the stream over (the `Handoff`) once hyper
+//!   wrote the head.
 //! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving;
 //!   a delivery to an idle stream writes its frame directly instead.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.

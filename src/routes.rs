@@ -9,17 +9,17 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{ResponseBody, StreamBody};
+use crate::body::{Handoff, ResponseBody, StreamBody};
 use crate::callback::{capture_request, Outcome};
 use crate::channels::TooManyChannels;
 use crate::command;
-use crate::connection::Handoff;
 use crate::gateway::{Gateway, MembershipError, OpenError, SendError};
 use crate::log::Level;
 
@@ -194,7 +194,8 @@ impl Routes {
         if request.method() != Method::POST {
             return method_not_allowed("POST");
         }
-        let object = match read_object(request, self.gateway.config.max_send_bytes).await {
+        let config = &self.gateway.config;
+        let object = match read_object(request, config.max_send_bytes, config.body_timeout).await {
             Ok(object) => object,
             Err(answer) => return answer,
         };
@@ -271,9 +272,22 @@ fn token_not_found() -> Answer {
     error(StatusCode::NOT_FOUND, "Token not found")
 }
 
-/// Reads a body of at most `max` bytes and parses it as a JSON object; the error is the answer.
-async fn read_object(request: Request<Incoming>, max: usize) -> Result<command::Object, Answer> {
-    let too_large = || error(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
+/// Reads a body of at most `max` bytes, complete within `within` of the head, and parses it as a
+/// JSON object; the error is the answer. A refusal before the body's end says `Connection: close`:
+/// the unread rest is discarded by the connection's lingering close, never parsed as a request.
+async fn read_object(
+    request: Request<Incoming>,
+    max: usize,
+    within: Duration,
+) -> Result<command::Object, Answer> {
+    let closing = |status, message| {
+        let mut answer = error(status, message);
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        answer
+    };
+    let too_large = || closing(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -282,16 +296,18 @@ async fn read_object(request: Request<Incoming>, max: usize) -> Result<command::
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
     }
-    let body = match Limited::new(request.into_body(), max).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-        Err(err) => {
+    let read = tokio::time::timeout(within, Limited::new(request.into_body(), max).collect());
+    let body = match read.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(err)) => {
             log!(Level::Debug, "request body read failed: {err}");
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "Invalid request: body could not be read",
             ));
         }
+        Err(_) => return Err(closing(StatusCode::REQUEST_TIMEOUT, "Request timeout")),
     };
     command::parse_object(&body).map_err(invalid)
 }

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioTimer;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
@@ -116,9 +115,7 @@ pub async fn run(
     let heartbeat = tokio::spawn(crate::heartbeat::run(gateway.clone()));
     // Every connection task and stream writer holds a receiver: `closed()` is "all of them are gone".
     let (drain, drain_rx) = watch::channel(false);
-    let mut http = http1::Builder::new();
-    // The timer enables hyper's 30 s header-read timeout, so a silent socket cannot hold a slot.
-    http.timer(TokioTimer::new());
+    let http = crate::connection::http1_builder(&gateway.config);
 
     let public_role = if listeners.internal.is_some() {
         Listener::Public

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::io::{ErrorKind, IoSlice};
-use std::os::fd::AsRawFd;
+use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Sleep;
@@ -173,8 +174,7 @@ impl Future for StreamWriter {
             if this.pending() == 0 {
                 if this.finished {
                     // FIN now, even if a delivery still holds a clone of the socket.
-                    // SAFETY: shutdown(2) on a descriptor we own; it touches no memory of ours.
-                    unsafe { libc::shutdown(this.socket.as_raw_fd(), libc::SHUT_WR) };
+                    let _ = SockRef::from(&*this.socket).shutdown(Shutdown::Write);
                     return Poll::Ready(());
                 }
                 this.finish_batch();
