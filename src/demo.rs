@@ -6,7 +6,9 @@
 //!   `{"channels":["demo"]}` (PROTOCOL §8), and remembers each stream's token under the `demo_id`
 //!   query parameter that the page puts on its `EventSource` URL;
 //! - the **page** at `GET /_demo/`, embedded in the binary, which opens an `EventSource`, shows what
-//!   arrives, and sends events through the real `/internal/send` and `/internal/publish`;
+//!   arrives, and sends events through the real `/internal/send` and `/internal/publish`; its live
+//!   panel plots the gateway's own `GET /metrics`, and its burst button publishes 1000 events to
+//!   channel `demo` itself (the double stays a plain callback server);
 //! - `GET /_demo/token?id=<demo_id>` → `{"token":"..."}`, so the page learns its own token.
 //!
 //! Outside demo mode none of this runs and every `GET` path, `/_demo/` included, stays a stream path.
@@ -501,6 +503,11 @@ mod tests {
             "id=\"stalled\"",
             // The answer box gives up on a request instead of showing "..." forever.
             "AbortController",
+            // The live panel reads the real metrics; the burst goes through the real publish.
+            "\"/metrics\"",
+            "sse_gateway_publish_deliveries_total",
+            "id=\"burst\"",
+            "const BURST = 1000;",
         ] {
             assert!(PAGE.contains(needed), "{needed}");
         }

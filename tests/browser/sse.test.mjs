@@ -36,6 +36,7 @@ const TARGET = targetDir();
 const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(TARGET, "debug/sse-gateway");
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 const SCREENSHOT = path.join(TARGET, "browser/demo-page.png");
+const BURST_SCREENSHOT = path.join(TARGET, "browser/demo-burst.png");
 const SOON = 10_000;
 /// Host names that Chromium resolves to 127.0.0.1 (--host-resolver-rules), one origin each, so that
 /// 200 streams are not capped by HTTP/1.1's six connections per origin.
@@ -505,6 +506,43 @@ describe("the demo page", () => {
     await page.waitForSelector('#state[data-state="open"]', { timeout: SOON });
     await page.waitForSelector("#stalled", { state: "hidden", timeout: SOON });
     await page.evaluate(() => window.held.forEach((s) => s.close()));
+    await page.close();
+  });
+  test("the live panel follows /metrics, and a burst of 1000 publishes shows in it; screenshot in target/browser/", async () => {
+    const page = await context.newPage();
+    await page.goto(`${gw.origin}/_demo/`);
+    await page.waitForSelector('#state[data-state="open"]', { timeout: SOON });
+    const number = async (id) => Number(await page.textContent(id));
+    // The panel scrapes once a second: it sees this page's stream, then has a rate to show.
+    await page.waitForFunction(() => Number(document.getElementById("m-streams").textContent) >= 1, null, { timeout: SOON });
+    await page.waitForFunction(() => document.getElementById("m-events").textContent !== "-", null, { timeout: SOON });
+    assert.equal(await page.getAttribute("#m-status", "data-state"), "ok");
+    const eventsBefore = await number("#m-events-total");
+    const deliveriesBefore = await number("#m-deliveries-total");
+
+    await page.click("#burst");
+    await page.waitForSelector('#burst-status[data-state="done"], #burst-status[data-state="failed"]', { timeout: 60_000 });
+    const status = await page.textContent("#burst-status");
+    assert.match(status, /^1000 published in [\d.]+ s, \d+ deliveries$/);
+    // Every burst event reached this page's stream (named "burst": counted, not listed).
+    await page.waitForFunction(() => document.getElementById("burst-received").textContent === "1000", null, { timeout: SOON });
+    assert.equal(await page.locator('#log li.event').count(), 0);
+
+    // The panel's numbers moved with the burst: totals up by 1000 and more, a rate seen in the peaks.
+    await page.waitForFunction(({ events, deliveries }) =>
+      Number(document.getElementById("m-events-total").textContent) >= events + 1000 &&
+      Number(document.getElementById("m-deliveries-total").textContent) >= deliveries + 1000,
+    { events: eventsBefore, deliveries: deliveriesBefore }, { timeout: SOON });
+    assert.ok(await number("#m-events-peak") > 0, await page.textContent("#live"));
+    assert.ok(await number("#m-deliveries-peak") > 0, await page.textContent("#live"));
+    // The deliveries/s chart drew the burst: a point well above its baseline.
+    const ys = (await page.getAttribute("#c-deliveries polyline", "points"))
+      .split(" ").map((p) => Number(p.split(",")[1]));
+    assert.ok(ys.length >= 2 && Math.min(...ys) < 30, `points ${ys}`);
+
+    await mkdir(path.dirname(BURST_SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: BURST_SCREENSHOT, fullPage: true });
+    assert.ok((await stat(BURST_SCREENSHOT)).size > 10_000);
     await page.close();
   });
 });
