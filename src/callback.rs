@@ -51,8 +51,9 @@ pub enum Outcome {
     /// Any other status (a 3xx included, never followed).
     Refused(StatusCode),
     Timeout,
-    /// No connection could be made: the backend cannot have seen the request (so a disconnect may
-    /// be retried). The text says why, for the log.
+    /// No connection could be made, or the connection closed without a byte of answer (a
+    /// keep-alive connection the backend had already closed, or a backend that died): a
+    /// disconnect may be retried. The text says why, for the log.
     Unreachable(String),
     /// The request failed after a connection was made (reset, malformed answer).
     Unavailable(String),
@@ -204,10 +205,10 @@ impl Callbacks {
         }
     }
 
-    /// One disconnect, retried with back-off while the backend cannot be reached at all, for up to
-    /// `CALLBACK_RETRY_SECONDS` from the first failure. A request the backend may have seen
-    /// (timeout, reset after connecting, any status) is never repeated: a duplicate would break
-    /// "exactly one disconnect" for a backend that did process it.
+    /// One disconnect, retried with back-off while the backend cannot be reached (see
+    /// [`Outcome::Unreachable`]), for up to `CALLBACK_RETRY_SECONDS` from the first failure. One
+    /// the backend may have answered (a timeout, any status) is never repeated: a duplicate would
+    /// break "exactly one disconnect" for a backend that did process it.
     async fn send_disconnect(&self, disconnect: Disconnect) {
         let Disconnect {
             token,
@@ -288,7 +289,7 @@ impl Callbacks {
             Ok(response) => response,
             Err(err) => {
                 let why = error_chain(&err);
-                return if err.is_connect() {
+                return if err.is_connect() || closed_unanswered(&err) {
                     Outcome::Unreachable(why)
                 } else {
                     Outcome::Unavailable(why)
@@ -317,6 +318,21 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Whether hyper reports the connection closed before the answer was complete: a pooled
+/// connection the backend had closed while idle, or a backend that went away. Retrying then is
+/// what makes a backend restart lose no disconnect; the price is a possible duplicate when the
+/// backend died after acting on the request but before answering (it then lost its state too).
+fn closed_unanswered(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            return hyper.is_incomplete_message();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// `err` and its sources, `: `-joined: hyper's top-level message alone ("client error (Connect)")
