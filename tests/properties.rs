@@ -7,7 +7,10 @@
 //! e.g. `PROPTEST_CASES=100000 cargo test --release --test properties`.
 
 #[path = "common/sse.rs"]
-#[allow(dead_code, reason = "the harness's parser module also serves other test files")]
+#[allow(
+    dead_code,
+    reason = "the harness's parser module also serves other test files"
+)]
 mod sse;
 
 use proptest::prelude::*;
