@@ -441,7 +441,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     let cpu_s = cpu.elapsed();
     let failures = tally.failures.lock().unwrap().clone();
     ctx.report.line(format!(
-        "load for {load_secs:.0} s: sends {} , publishes {publishes} (to {} members each), subscribe \
+        "load for {load_secs:.0} s: sends {}, publishes {publishes} (to {} members each), subscribe \
          cycles {}, churn opens {} (+{} abandoned, {} closed by the gateway), failed requests {}",
         tally.sends.load(Relaxed),
         publ.len(),
