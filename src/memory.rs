@@ -7,9 +7,9 @@
 //! and the arena returns it to the OS (`madvise`) only when some thread collects after the purge
 //! delay. Tokio's workers sleep when there is nothing to do, so after a burst (the queues of stalled
 //! clients filled on one worker, dropped on another when the clients left) nothing ever collected:
-//! measured on 500 stalled streams whose 1 MiB queues overflowed, 200 MiB stayed resident for 60 s
-//! and more with 0 connections, then 11 MiB with this module (0.9 MiB above the level before the
-//! burst), back within 2–4 s.
+//! measured on 500 stalled streams whose 1 MiB queues overflowed, 200 MiB stayed resident with 0
+//! connections for as long as it was watched (40 s); with this module it is back to 11 MiB, 2.2 MiB
+//! above the level before the burst, within 2–4 s (BENCHMARKS.md §5).
 //!
 //! Two parts:
 //! - [`on_thread_park`], the runtime's `on_thread_park` hook: a worker about to sleep runs
