@@ -22,6 +22,7 @@
 //! - [`writer`]: one task per stream writing batched, chunk-framed frames; notices the client leaving;
 //!   a delivery to an idle stream writes its frame directly instead.
 //! - [`heartbeat`]: the single task that sweeps every stream at a steady pace.
+//! - [`memory`]: the runtime's park hook that hands freed memory back to the OS after a burst.
 //! - [`metrics`], [`log`](mod@log), [`config`]: operations.
 //! - [`cli`]: the command line (`demo`, `--help`, `--version`); settings are env vars only.
 //! - [`demo`]: `sse-gateway demo`, a built-in backend double and a page at `/_demo/`.
@@ -39,6 +40,7 @@ pub mod gateway;
 pub mod heartbeat;
 #[macro_use]
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod registry;
 pub mod routes;

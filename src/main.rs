@@ -53,6 +53,7 @@ fn main() -> ExitCode {
         runtime.worker_threads(threads);
     }
     let runtime = runtime
+        .on_thread_park(sse_gateway::memory::on_thread_park)
         .enable_all()
         .build()
         .expect("building the tokio runtime");

@@ -1,7 +1,8 @@
 //! The backend double: the connect/disconnect callback server the gateway calls. It accepts every
 //! connect, learns each stream's token from the `c=<n>` query parameter that `request.url` carries,
 //! and counts disconnect callbacks per token so a run can check "exactly one disconnect per accepted
-//! connect" (PROTOCOL §2).
+//! connect" (PROTOCOL §2). It answers at once, or after a set delay (connects only, `--callback-delay-ms`),
+//! or after a random delay for every callback (`soak`'s slow backend).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,11 @@ pub struct Backend {
     connect_answer: String,
     /// Delay before answering a connect callback.
     connect_delay: Duration,
+    /// `soak`: every callback (connect and disconnect) is answered after a delay drawn from this
+    /// range, like a backend that is slow and uneven.
+    slow: Option<(Duration, Duration)>,
+    /// Draws for `slow`.
+    draws: AtomicU64,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
     pub bad_callbacks: AtomicU64,
@@ -104,10 +110,41 @@ impl Backend {
             reg: Mutex::new(Registry::default()),
             connect_answer,
             connect_delay,
+            slow: None,
+            draws: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             bad_callbacks: AtomicU64::new(0),
         })
+    }
+
+    /// A backend double that answers every callback after a delay drawn uniformly from
+    /// `min..=max` (`soak`).
+    pub fn slow(channels: Option<&str>, min: Duration, max: Duration) -> Arc<Self> {
+        let mut b = Arc::into_inner(Backend::new(channels, Duration::ZERO)).expect("just built");
+        b.slow = Some((min, max.max(min)));
+        Arc::new(b)
+    }
+
+    /// The longest a callback answer is held back.
+    fn max_delay(&self) -> Duration {
+        self.slow
+            .map_or(self.connect_delay, |(_, max)| max.max(self.connect_delay))
+    }
+
+    /// The next `slow` delay (splitmix64 of a counter: uneven, reproducible, no dependency).
+    fn draw_delay(&self) -> Option<Duration> {
+        let (min, max) = self.slow?;
+        let mut z = self
+            .draws
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let span = (max - min).as_micros() as u64 + 1;
+        Some(min + Duration::from_micros(z % span))
     }
 
     /// Starts serving callbacks on `listener`; the task ends with the runtime.
@@ -119,7 +156,9 @@ impl Backend {
                 if method != hyper::Method::POST {
                     return (405, r#"{"error":"POST only"}"#.to_owned());
                 }
-                if !me.connect_delay.is_zero() && is_connect(&body) {
+                if let Some(delay) = me.draw_delay() {
+                    tokio::time::sleep(delay).await;
+                } else if !me.connect_delay.is_zero() && is_connect(&body) {
                     tokio::time::sleep(me.connect_delay).await;
                 }
                 me.handle(&body)
@@ -200,7 +239,7 @@ impl Backend {
                 // --callback-delay-ms, and nothing missing): done. The grace also catches duplicate
                 // disconnects arriving right behind the last one.
                 let seen = self.connects.load(Ordering::Relaxed);
-                tokio::time::sleep(self.connect_delay + Duration::from_millis(300)).await;
+                tokio::time::sleep(self.max_delay() + Duration::from_millis(300)).await;
                 let a = self.audit();
                 if a.without_disconnect == 0 && self.connects.load(Ordering::Relaxed) == seen {
                     return (a, true);

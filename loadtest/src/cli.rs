@@ -186,6 +186,38 @@ pub enum Scenario {
         #[arg(long)]
         heartbeat: Option<f64>,
     },
+    /// Long mixed run: connect churn, per-token sends, publishes and subscribes against a slow
+    /// backend, PSS every minute; at the end lost events, disconnect callbacks exactly once, and
+    /// PSS back near its start once idle.
+    Soak {
+        /// Minutes to run the load for.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Resident streams held for the whole run (half get per-token sends, half publishes).
+        #[arg(short = 'n', long, default_value_t = 1000)]
+        streams: usize,
+        /// Connect-churn loops: open, maybe subscribe, hold 0.1-3 s, leave (or are closed).
+        #[arg(long, default_value_t = 16)]
+        churners: usize,
+        /// Per-token sends per second, in total.
+        #[arg(long, default_value_t = 200.0)]
+        send_rate: f64,
+        /// Publishes per second to the channel the publish-half of the streams joined.
+        #[arg(long, default_value_t = 5.0)]
+        publish_rate: f64,
+        /// Subscribe + publish + unsubscribe cycles per second on scratch channels.
+        #[arg(long, default_value_t = 10.0)]
+        subscribe_rate: f64,
+        /// The backend double answers every callback after a random delay in this range, ms.
+        #[arg(long, default_value = "50-300", value_parser = parse_range)]
+        backend_delay_ms: (u64, u64),
+        /// Largest padding of an event's data; each event draws 0..=this.
+        #[arg(long, default_value_t = 4096)]
+        max_payload_bytes: usize,
+        /// Seconds between progress reports.
+        #[arg(long, default_value_t = 60.0)]
+        report_every: f64,
+    },
     /// Hold streams open with a control port (GET /tokens, GET /stats) for external senders (k6).
     Hold {
         /// Streams to hold.
@@ -209,6 +241,7 @@ impl Scenario {
             Scenario::ConnectRate { .. } => "connect-rate",
             Scenario::Idle { .. } => "idle",
             Scenario::Hold { .. } => "hold",
+            Scenario::Soak { .. } => "soak",
         }
     }
 }
@@ -221,6 +254,16 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u64 = a.trim().parse().map_err(|_| "want MIN-MAX in ms")?;
+    let b: u64 = b.trim().parse().map_err(|_| "want MIN-MAX in ms")?;
+    if a > b {
+        return Err("MIN is above MAX".into());
+    }
+    Ok((a, b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +272,14 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn delay_ranges() {
+        assert_eq!(parse_range("50-300"), Ok((50, 300)));
+        assert_eq!(parse_range("7"), Ok((7, 7)));
+        assert!(parse_range("300-50").is_err());
+        assert!(parse_range("a-b").is_err());
     }
 
     #[test]

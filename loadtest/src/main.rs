@@ -17,7 +17,7 @@
 //! - `backend`  the callback double and the exactly-once disconnect audit
 //! - `gateway`  the target: spawned or attached
 //! - `report`   results, checks, deadlines, exit status
-//! - `scenario` density, unicast, broadcast, connect_rate, idle, hold
+//! - `scenario` density, unicast, broadcast, connect_rate, idle, hold, soak
 
 mod backend;
 mod cli;

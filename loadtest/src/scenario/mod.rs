@@ -6,6 +6,7 @@ mod connect_rate;
 mod density;
 mod hold;
 mod idle;
+mod soak;
 mod unicast;
 
 use std::net::SocketAddr;
@@ -161,7 +162,17 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
         } => Some(channel.as_str()),
         _ => common.join_channel.as_deref(),
     };
-    let backend = Backend::new(channel, Duration::from_millis(common.callback_delay_ms));
+    let backend = match &cli.scenario {
+        Scenario::Soak {
+            backend_delay_ms: (min, max),
+            ..
+        } => Backend::slow(
+            channel,
+            Duration::from_millis(*min),
+            Duration::from_millis(*max),
+        ),
+        _ => Backend::new(channel, Duration::from_millis(common.callback_delay_ms)),
+    };
     let attached = common.gateway_bin.is_none();
     let cb_addr = match (common.callback_listen, attached) {
         (Some(a), _) => a,
@@ -294,6 +305,29 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             control,
             duration,
         } => hold::run(&mut ctx, streams, control, duration).await,
+        Scenario::Soak {
+            minutes,
+            streams,
+            churners,
+            send_rate,
+            publish_rate,
+            subscribe_rate,
+            backend_delay_ms: _,
+            max_payload_bytes,
+            report_every,
+        } => {
+            let o = soak::Opts {
+                minutes,
+                streams,
+                churners,
+                send_rate,
+                publish_rate,
+                subscribe_rate,
+                max_payload_bytes,
+                report_every: Duration::from_secs_f64(report_every.max(1.0)),
+            };
+            soak::run(&mut ctx, o).await
+        }
     }
     finish(ctx).await
 }
