@@ -164,7 +164,9 @@ impl Stream {
                     state.writing = Writing::Direct;
                     let chunked = state.chunked;
                     drop(state);
-                    self.end_direct(writer::write_now(&socket, chunked, frame));
+                    let unwritten =
+                        writer::write_now(&socket, chunked, std::slice::from_ref(frame));
+                    self.end_direct(unwritten);
                     return Delivery::Written;
                 }
             }
@@ -187,6 +189,64 @@ impl Stream {
         drop(state);
         wake(waker);
         Delivery::Queued { ended: close }
+    }
+
+    /// Queues `frame` without writing it and without waking the writer: a batch's delivery
+    /// (PROTOCOL §12), so that every frame the batch has for this stream can go out in one write
+    /// at [`Stream::flush`], which the batch must call once it is done queueing. The bound and the
+    /// overflow are as in [`Stream::deliver`]; never [`Delivery::Written`].
+    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize) -> Delivery {
+        let mut state = self.state.lock();
+        if state.end.is_some() {
+            return Delivery::AlreadyEnded;
+        }
+        if state.queued_bytes + frame.len() > max_queue_bytes {
+            state.end = Some(EndReason::Error);
+            state.queue = VecDeque::new();
+            state.queued_bytes = 0;
+            let waker = state.waker.take();
+            drop(state);
+            wake(waker);
+            return Delivery::Overflowed;
+        }
+        state.queued_bytes += frame.len();
+        state.queue.push_back(frame.clone());
+        Delivery::Queued { ended: false }
+    }
+
+    /// Sends what [`Stream::defer`] queued: when nobody is writing, up to
+    /// [`writer::MAX_DIRECT_FRAMES`] queued frames go out from the calling task in one `writev`
+    /// (the rest, and what the socket did not take, go to the writer); otherwise the writer is
+    /// woken and takes them in its own batches. Returns the frame bytes written directly, if any.
+    pub fn flush(&self, scratch: &mut Vec<Bytes>) -> Option<usize> {
+        let mut state = self.state.lock();
+        if state.queue.is_empty() {
+            // Taken by the writer already, or dropped by an error end.
+            return None;
+        }
+        if state.end.is_none() && state.writing == Writing::Idle && state.raw.is_empty() {
+            if let Some(socket) = state.socket.clone() {
+                let n = state.queue.len().min(writer::MAX_DIRECT_FRAMES);
+                scratch.clear();
+                scratch.extend(state.queue.drain(..n));
+                let len: usize = scratch.iter().map(Bytes::len).sum();
+                state.queued_bytes -= len;
+                if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_CAPACITY {
+                    state.queue = VecDeque::new();
+                }
+                state.writing = Writing::Direct;
+                let chunked = state.chunked;
+                drop(state);
+                let unwritten = writer::write_now(&socket, chunked, scratch);
+                scratch.clear();
+                self.end_direct(unwritten);
+                return Some(len);
+            }
+        }
+        let waker = state.waker.take();
+        drop(state);
+        wake(waker);
+        None
     }
 
     /// Queues a heartbeat if the stream is idle (nothing queued). A stream with frames waiting is
@@ -382,6 +442,27 @@ mod tests {
         s.heartbeat();
         assert_eq!(take(&s), vec![frame("x")]);
         assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Pending);
+    }
+
+    #[test]
+    fn deferred_frames_wait_for_the_flush_and_keep_their_order() {
+        let s = stream();
+        s.deliver(Some(&frame("a")), false, 100);
+        assert!(matches!(
+            s.defer(&frame("b"), 100),
+            Delivery::Queued { ended: false }
+        ));
+        assert!(matches!(s.defer(&frame("cc"), 3), Delivery::Overflowed));
+        assert!(matches!(s.defer(&frame("d"), 100), Delivery::AlreadyEnded));
+        assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Aborted);
+
+        let s = stream();
+        s.defer(&frame("a"), 100);
+        s.defer(&frame("b"), 100);
+        // No socket attached: the flush leaves them to the writer, in order.
+        assert_eq!(s.flush(&mut Vec::new()), None);
+        assert_eq!(take(&s), vec![frame("a"), frame("b")]);
+        assert_eq!(s.flush(&mut Vec::new()), None, "nothing left to flush");
     }
 
     #[test]
