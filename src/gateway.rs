@@ -20,7 +20,7 @@ use crate::demo::Demo;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::stream::{Delivery, EndReason, Stream};
+use crate::stream::{Delivery, EndReason, Full, Stream};
 use crate::token::Token;
 use crate::{log, log::Level};
 
@@ -266,11 +266,7 @@ impl Gateway {
     ) -> Result<(), SendError> {
         let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
         let frame = send.event.as_ref().map(frame::encode);
-        let pending = batch.map(|b| {
-            b.count(frame.as_ref());
-            &mut b.pending
-        });
-        match self.deliver(&stream, frame.as_ref(), send.close, pending) {
+        match self.deliver(&stream, frame.as_ref(), send.close, batch) {
             Ok(true) => {
                 log!(
                     Level::Debug,
@@ -305,12 +301,9 @@ impl Gateway {
                 tokio::task::yield_now().await;
             }
             for stream in chunk {
-                let pending = batch.as_deref_mut().map(|b| {
-                    b.count(frame.as_ref());
-                    &mut b.pending
-                });
+                let batch = batch.as_deref_mut();
                 if matches!(
-                    self.deliver(stream, frame.as_ref(), publish.close, pending),
+                    self.deliver(stream, frame.as_ref(), publish.close, batch),
                     Ok(true)
                 ) {
                     delivered += 1;
@@ -357,25 +350,18 @@ impl Gateway {
 
     /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
     /// end it causes (`server_closed`, or `error` on overflow). `Ok(false)`: the stream had already
-    /// ended and nothing was queued. With `pending` (a batch), a frame without `close` is only
-    /// queued, and the stream is added to `pending` for the batch's flush to write.
+    /// ended and nothing was queued. In a batch, a frame without `close` is only queued, for the
+    /// batch's flush to write.
     fn deliver(
         &self,
         stream: &Arc<Stream>,
         frame: Option<&Bytes>,
         close: bool,
-        pending: Option<&mut Vec<Arc<Stream>>>,
+        batch: Option<&mut Batch<'_>>,
     ) -> Result<bool, Overflowed> {
-        let max = self.config.max_queue_bytes;
-        let delivery = match (frame, pending) {
-            (Some(frame), Some(pending)) if !close => {
-                let delivery = stream.defer(frame, max);
-                if matches!(delivery, Delivery::Queued { .. }) {
-                    pending.push(stream.clone());
-                }
-                delivery
-            }
-            _ => stream.deliver(frame, close, max),
+        let delivery = match (frame, batch) {
+            (Some(frame), Some(batch)) if !close => batch.defer(stream, frame),
+            _ => stream.deliver(frame, close, self.config.max_queue_bytes),
         };
         match delivery {
             Delivery::Queued { ended } => {
@@ -494,9 +480,33 @@ impl Batch<'_> {
         }
     }
 
-    fn count(&mut self, frame: Option<&Bytes>) {
-        self.deliveries += 1;
-        self.bytes += frame.map_or(0, Bytes::len);
+    /// Queues `frame` on `stream` for the next flush. A queue full of this batch's frames is
+    /// written first (as single requests would have been), so only a client that does not read
+    /// overflows.
+    fn defer(&mut self, stream: &Arc<Stream>, frame: &Bytes) -> Delivery {
+        let max = self.gateway.config.max_queue_bytes;
+        let delivery = loop {
+            match stream.defer(frame, max) {
+                Ok(delivery) => break delivery,
+                Err(Full) => self.flush_one(stream),
+            }
+        };
+        if matches!(delivery, Delivery::Queued { .. }) {
+            self.pending.push(stream.clone());
+            self.deliveries += 1;
+            self.bytes += frame.len();
+        }
+        delivery
+    }
+
+    fn flush_one(&mut self, stream: &Stream) {
+        if let Some(len) = stream.flush(&mut self.scratch) {
+            let metrics = &self.gateway.metrics;
+            metrics
+                .bytes_sent_total
+                .fetch_add(len as u64, Ordering::Relaxed);
+            metrics.socket_writes_total.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Writes every pending stream's queued frames: one `writev` each where the stream is idle,
@@ -511,15 +521,12 @@ impl Batch<'_> {
             self.pending.sort_unstable_by_key(Arc::as_ptr);
             self.pending.dedup_by(|a, b| Arc::ptr_eq(a, b));
         }
-        let metrics = &self.gateway.metrics;
-        for stream in self.pending.drain(..) {
-            if let Some(len) = stream.flush(&mut self.scratch) {
-                metrics
-                    .bytes_sent_total
-                    .fetch_add(len as u64, Ordering::Relaxed);
-                metrics.socket_writes_total.fetch_add(1, Ordering::Relaxed);
-            }
+        let mut pending = std::mem::take(&mut self.pending);
+        for stream in pending.drain(..) {
+            self.flush_one(&stream);
         }
+        // Keep the allocation for the next flush.
+        self.pending = pending;
     }
 }
 

@@ -104,6 +104,10 @@ pub enum Delivery {
     Overflowed,
 }
 
+/// [`Stream::defer`]: the queue is full of frames that a [`Stream::flush`] can write now.
+#[derive(Debug)]
+pub struct Full;
+
 /// Ring capacity an emptied queue may keep (4 × 32 B); a larger one is freed.
 const IDLE_QUEUE_CAPACITY: usize = 4;
 
@@ -194,24 +198,34 @@ impl Stream {
     /// Queues `frame` without writing it and without waking the writer: a batch's delivery
     /// (PROTOCOL §12), so that every frame the batch has for this stream can go out in one write
     /// at [`Stream::flush`], which the batch must call once it is done queueing. The bound and the
-    /// overflow are as in [`Stream::deliver`]; never [`Delivery::Written`].
-    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize) -> Delivery {
+    /// overflow are as in [`Stream::deliver`], with one step before the overflow: when the frames
+    /// filling the queue could be written now (nobody is writing), the answer is [`Full`] and
+    /// nothing changes; the caller flushes and tries again, as separate requests would have been
+    /// written and not have overflowed. Never [`Delivery::Written`].
+    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize) -> Result<Delivery, Full> {
         let mut state = self.state.lock();
         if state.end.is_some() {
-            return Delivery::AlreadyEnded;
+            return Ok(Delivery::AlreadyEnded);
         }
         if state.queued_bytes + frame.len() > max_queue_bytes {
+            if !state.queue.is_empty()
+                && state.writing == Writing::Idle
+                && state.raw.is_empty()
+                && state.socket.is_some()
+            {
+                return Err(Full);
+            }
             state.end = Some(EndReason::Error);
             state.queue = VecDeque::new();
             state.queued_bytes = 0;
             let waker = state.waker.take();
             drop(state);
             wake(waker);
-            return Delivery::Overflowed;
+            return Ok(Delivery::Overflowed);
         }
         state.queued_bytes += frame.len();
         state.queue.push_back(frame.clone());
-        Delivery::Queued { ended: false }
+        Ok(Delivery::Queued { ended: false })
     }
 
     /// Sends what [`Stream::defer`] queued: when nobody is writing, up to
@@ -450,15 +464,19 @@ mod tests {
         s.deliver(Some(&frame("a")), false, 100);
         assert!(matches!(
             s.defer(&frame("b"), 100),
-            Delivery::Queued { ended: false }
+            Ok(Delivery::Queued { ended: false })
         ));
-        assert!(matches!(s.defer(&frame("cc"), 3), Delivery::Overflowed));
-        assert!(matches!(s.defer(&frame("d"), 100), Delivery::AlreadyEnded));
+        // No socket to flush to: the overflow is at once.
+        assert!(matches!(s.defer(&frame("cc"), 3), Ok(Delivery::Overflowed)));
+        assert!(matches!(
+            s.defer(&frame("d"), 100),
+            Ok(Delivery::AlreadyEnded)
+        ));
         assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Aborted);
 
         let s = stream();
-        s.defer(&frame("a"), 100);
-        s.defer(&frame("b"), 100);
+        s.defer(&frame("a"), 100).unwrap();
+        s.defer(&frame("b"), 100).unwrap();
         // No socket attached: the flush leaves them to the writer, in order.
         assert_eq!(s.flush(&mut Vec::new()), None);
         assert_eq!(take(&s), vec![frame("a"), frame("b")]);

@@ -357,15 +357,22 @@ mod tests {
         stream.attach(Arc::new(server), true);
         for frame in ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n"] {
             assert!(matches!(
-                stream.defer(&Bytes::from_static(frame.as_bytes()), 64),
-                Delivery::Queued { ended: false }
+                stream.defer(&Bytes::from_static(frame.as_bytes()), 27),
+                Ok(Delivery::Queued { ended: false })
             ));
         }
+        // A fourth would pass the bound, but the queue can be written now: no overflow yet.
+        let more = Bytes::from_static(b"data: 4\n\n");
+        assert!(stream.defer(&more, 27).is_err());
         assert_eq!(stream.flush(&mut Vec::new()), Some(27));
         let mut got = vec![0u8; 33];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"1b\r\ndata: 1\n\ndata: 2\n\ndata: 3\n\n\r\n");
         assert_eq!(stream.flush(&mut Vec::new()), None, "nothing left");
+        assert!(matches!(
+            stream.defer(&more, 27),
+            Ok(Delivery::Queued { ended: false })
+        ));
     }
 
     #[test]
