@@ -545,7 +545,7 @@ async fn publish_in_a_batch_counts_delivered_and_close_ends_the_members() {
         .iter()
         .all(|r| r["status"] == 200 && r["body"]["status"] == "ok"));
 
-    for (stream, token) in &mut room {
+    for (stream, _) in &mut room {
         let (end, items) = stream.end(SOON).await;
         assert_eq!(end, End::Clean);
         let data: Vec<_> = items
@@ -556,8 +556,21 @@ async fn publish_in_a_batch_counts_delivered_and_close_ends_the_members() {
             })
             .collect();
         assert_eq!(data, ["r", "ra", "bye"]);
-        backend.next_disconnect(token, "server_closed").await;
     }
+    // One server_closed each, in whatever order the callbacks are sent.
+    let mut closed = Vec::new();
+    for _ in 0..3 {
+        let cb = backend.next().await;
+        assert_eq!(
+            (cb.action(), cb.reason()),
+            ("disconnect", Some("server_closed"))
+        );
+        closed.push(cb.token().to_owned());
+    }
+    closed.sort();
+    let mut tokens: Vec<String> = room.iter().map(|(_, t)| t.clone()).collect();
+    tokens.sort();
+    assert_eq!(closed, tokens);
     assert_eq!(data_of_next(&mut other, 2).await, ["ra", "left"]);
 }
 

@@ -243,6 +243,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             rate,
             count,
             payload_bytes,
+            batch,
         } => {
             let o = unicast::Opts {
                 streams,
@@ -251,6 +252,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
                 rate,
                 count,
                 payload_bytes,
+                batch: batch as usize,
             };
             unicast::run(&mut ctx, o).await
         }
