@@ -5,7 +5,8 @@
 //! API that routes call, whatever the request looked like), and the one place where a stream's end
 //! is reported: registry removal, metrics, and the disconnect callback, queued so that no caller
 //! (least of all `/internal/send`) waits on it. It does not parse HTTP and does no socket I/O:
-//! frames go to [`Stream::deliver`], which decides between its queue and a direct write.
+//! frames go to [`Stream::deliver`], which decides between its queue and a direct write, or, in a
+//! [`Batch`], to [`Stream::defer`] and then one [`Stream::flush`] per stream.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

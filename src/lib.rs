@@ -6,11 +6,13 @@
 //! - [`server`]: listeners, accept loop with back-off, two-phase shutdown.
 //! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer.
 //! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; statuses and JSON bodies.
-//! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order.
+//! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order; the
+//!   shape of a batch and its items' `op`.
 //! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks; the disconnect
 //!   queue and its retries.
 //! - [`gateway`]: shared state, a stream's life cycle (admission, open, the one end report), and the
-//!   operations API (send, publish, subscribe, unsubscribe) that routes call.
+//!   operations API (send, publish, subscribe, unsubscribe) that routes call, directly or through a
+//!   batch that writes each stream's frames once.
 //! - [`registry`]: the sharded slab of open streams, addressed by token.
 //! - [`channels`]: named channels' members, for one-request fan-out.
 //! - [`token`]: UUID v4 tokens that carry their registry address.

@@ -1,9 +1,11 @@
-//! Routes: the hyper `Service` that maps `(listener, method, path)` to an answer (PROTOCOL §1, §2, §4).
+//! Routes: the hyper `Service` that maps `(listener, method, path)` to an answer (PROTOCOL §1, §2, §4,
+//! §8, §12).
 //!
 //! Owns HTTP-level decisions: which listener serves what, method checks, the bearer secret, body
 //! limits, and every status and JSON body. It parses (bodies through [`crate::command`]) and
 //! answers, nothing more: every operation is a call on [`Gateway`]'s API, and it holds no state of
-//! its own beyond an `Arc` of the gateway.
+//! its own beyond an `Arc` of the gateway. One function, `apply`, turns an operation's body and
+//! outcome into its status and body, for its own route and for a batch item alike.
 
 use std::convert::Infallible;
 use std::future::Future;
