@@ -206,6 +206,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         // Each sender stops by `deadline` plus one request timeout; a join error is a panic.
         match t.await {
             Ok(r) => {
+                total.events += r.events;
                 total.ok += r.ok;
                 for (k, v) in r.failures {
                     *total.failures.entry(k).or_default() += v;
