@@ -27,6 +27,10 @@ FIGS = [
     ("connect", "CPU µs per connect+close", lambda s: s["connect_rate"]["cpu_us_per_connect"]),
     ("connect", "  connects/s (c=16)", lambda s: s["connect_rate"]["connects_per_s"]),
     ("heartbeat", "CPU µs per heartbeat (10k streams, 1 s)", lambda s: s["idle"]["cpu_us_per_heartbeat"]),
+    ("batch_cpu", "CPU µs per delivered event, 1k streams, 20k events/s (gateway: batches of 100; nchan: a request each)", lambda s: s["unicast"]["cpu_us_per_event"]),
+    ("batch_cpu", "  lost", lambda s: s["unicast"]["lost"]),
+    ("batch_max", "max events/s accepted (1k streams, 8 conns; gateway: batches of 100; nchan: a request each)", lambda s: s["unicast"]["accepted"] / s["unicast"]["seconds"]),
+    ("batch_max", "  lost at max rate", lambda s: s["unicast"]["lost"]),
 ]
 
 print("| figure | gateway (median; runs) | nchan (median; runs) | gateway / nchan | ok runs gw/nchan |")

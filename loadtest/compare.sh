@@ -6,13 +6,15 @@
 #   loadtest/compare.sh [--runs 3] [--only density,cpu_event,...] [--out DIR] [--skip-install]
 #
 # Scenarios (names for --only): density cpu_event max_sends pertoken18k publish18k connect heartbeat floor
+# batch_cpu batch_max (PROTOCOL §12: the gateway sends batches of 100 to /internal/batch; nchan has no
+# batch, so its runs send the same events one request each)
 # Every sse-load run is bounded (its own deadlines) and wrapped in `timeout`; nginx is started per run
 # and stopped by its master's pid. Needs: cargo build --release -p sse-gateway -p sse-load.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=3
-ONLY="density,cpu_event,max_sends,pertoken18k,publish18k,connect,heartbeat,floor"
+ONLY="density,cpu_event,max_sends,pertoken18k,publish18k,connect,heartbeat,floor,batch_cpu,batch_max"
 OUT=${OUT:-/tmp/sse-compare.$$}
 INSTALL=1
 # Cargo's target directory, found as cargo finds it (CARGO_TARGET_DIR, else build.target-dir or target/).
@@ -97,6 +99,8 @@ for n in $(seq "$RUNS"); do
     want publish18k && run publish18k $target 15 $n -- broadcast -n 18000 --publish --channel all --rounds 3 --interval-ms 1000 --probe-rate 200
     want connect && run connect $target 15 $n -- connect-rate -c 16 --duration 10
     want heartbeat && run heartbeat $target 1 $n -- idle -n 10000 --duration 20 --heartbeat 1
+    want batch_cpu && run batch_cpu $target 15 $n -- unicast -n 1000 -c 8 --rate 20000 --batch 100 --duration 10
+    want batch_max && run batch_max $target 15 $n -- unicast -n 1000 -c 8 --rate 0 --batch 100 --duration 10
   done
   if want floor; then
     timeout 300 "$FLOOR" -n 18000 --bytes 100 --rounds 5 --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" \

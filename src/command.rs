@@ -1,5 +1,6 @@
 //! Commands: the bodies of `/internal/send`, `/internal/publish`, `/internal/subscribe` and
-//! `/internal/unsubscribe` (PROTOCOL §4, §8), validated into typed values in the protocol's order.
+//! `/internal/unsubscribe` (PROTOCOL §4, §8), validated into typed values in the protocol's order,
+//! and the shape of `/internal/batch` (§12), whose items are those same bodies plus an `op`.
 //!
 //! Owns what a valid request is and the message of every 400; nothing here looks up a token, a
 //! channel or the configuration, so a request is judged the same whatever the gateway holds
@@ -37,6 +38,28 @@ pub struct Membership<'a> {
     pub channels: Vec<&'a str>,
 }
 
+/// The operations, as `/internal/<name>` routes them and as a batch item's `op` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Send,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Operation {
+    /// From a route's last path segment or a batch item's `op`.
+    pub fn from_name(name: &str) -> Option<Operation> {
+        match name {
+            "send" => Some(Operation::Send),
+            "publish" => Some(Operation::Publish),
+            "subscribe" => Some(Operation::Subscribe),
+            "unsubscribe" => Some(Operation::Unsubscribe),
+            _ => None,
+        }
+    }
+}
+
 /// Why a body is invalid: the text after `Invalid request: ` in the 400 answer.
 pub type Invalid = &'static str;
 
@@ -44,6 +67,34 @@ pub const NOT_AN_OBJECT: Invalid = "body must be a JSON object";
 const PUBLISH_TARGET: Invalid = "exactly one of channel (a channel name) or channels (a non-empty array of channel names) is required; a channel name is 1-256 visible ASCII characters";
 const CHANNEL_LIST: Invalid =
     "channels must be an array of channel names (1-256 visible ASCII characters)";
+
+const BATCH_SHAPE: Invalid =
+    "body must be {\"requests\":[...]}: an object whose requests is an array of operations";
+const UNKNOWN_OP: Invalid = "op must be one of send, publish, subscribe, unsubscribe";
+
+/// `POST /internal/batch`: the items, not yet looked at; a body of another shape is invalid as a
+/// whole (nothing is applied).
+pub fn batch(object: &Object) -> Result<&[Value], Invalid> {
+    match object.get("requests") {
+        Some(Value::Array(items)) => Ok(items),
+        _ => Err(BATCH_SHAPE),
+    }
+}
+
+/// One batch item: its operation and its body, which the operation's own parser validates as
+/// it would the route's body. An item that is not an object is invalid as a body that is not
+/// one would be; a missing or unknown `op` is invalid too. Either only fails that item.
+pub fn batch_item(item: &Value) -> Result<(Operation, &Object), Invalid> {
+    let Value::Object(object) = item else {
+        return Err(NOT_AN_OBJECT);
+    };
+    match object.get("op") {
+        Some(Value::String(op)) => Operation::from_name(op)
+            .map(|operation| (operation, object))
+            .ok_or(UNKNOWN_OP),
+        _ => Err(UNKNOWN_OP),
+    }
+}
 
 /// The body as a JSON object.
 pub fn parse_object(body: &[u8]) -> Result<Object, Invalid> {

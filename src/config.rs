@@ -33,6 +33,7 @@ pub const ENV_MAX_CHANNELS_PER_STREAM: &str = "MAX_CHANNELS_PER_STREAM";
 pub const ENV_CALLBACK_CONCURRENCY: &str = "CALLBACK_CONCURRENCY";
 pub const ENV_CALLBACK_RETRY_SECONDS: &str = "CALLBACK_RETRY_SECONDS";
 pub const ENV_INTERNAL_INSECURE: &str = "INTERNAL_INSECURE";
+pub const ENV_MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
 
 /// One environment variable as `--help` and README's configuration table show it.
 #[derive(Clone, Copy, Debug)]
@@ -146,6 +147,11 @@ pub const VARIABLES: &[Variable] = &[
         default: "30",
         meaning: "how long a disconnect callback that never reached the backend is retried (0 = no retry)",
     },
+    Variable {
+        name: ENV_MAX_BATCH_ITEMS,
+        default: "1000",
+        meaning: "operations one POST /internal/batch may hold (1 to 100000); more is 400 and nothing is applied",
+    },
 ];
 
 /// A callback endpoint, split once at start-up so each callback only formats a request.
@@ -186,6 +192,8 @@ pub struct Config {
     pub callback_retry: Duration,
     /// `INTERNAL_INSECURE=1`: serve `/internal/*` unauthenticated on a non-loopback public listener.
     pub internal_insecure: bool,
+    /// Items one `/internal/batch` may hold (PROTOCOL §12).
+    pub max_batch_items: usize,
 }
 
 /// Why start-up stops (exit status 2); every case names the variable to change.
@@ -352,6 +360,15 @@ impl Config {
                     })
                 }
             },
+            // A batch's items all come from one body of at most MAX_SEND_BYTES, and the smallest
+            // item (`{"op":"send","token":"x"}`) is ~25 B, so 1 MiB holds ~40k of them at most:
+            // 100000 leaves room for a larger MAX_SEND_BYTES without allowing silly values.
+            max_batch_items: env.ranged(
+                ENV_MAX_BATCH_ITEMS,
+                "an integer from 1 to 100000",
+                1..=100_000,
+                1000,
+            )?,
         };
         config.check_internal_exposure()?;
         Ok(config)
@@ -502,6 +519,7 @@ mod tests {
         assert_eq!(c.callback_concurrency, 64);
         assert_eq!(c.callback_retry, Duration::from_secs(30));
         assert!(!c.internal_insecure);
+        assert_eq!(c.max_batch_items, 1000);
     }
 
     #[test]
@@ -532,6 +550,9 @@ mod tests {
             (ENV_CALLBACK_CONCURRENCY, "5000"),
             (ENV_CALLBACK_RETRY_SECONDS, "-1"),
             (ENV_INTERNAL_INSECURE, "yes"),
+            (ENV_MAX_BATCH_ITEMS, "0"),
+            (ENV_MAX_BATCH_ITEMS, "100001"),
+            (ENV_MAX_BATCH_ITEMS, "ten"),
         ] {
             let err = load(&[(var, value)]).expect_err(var);
             assert_eq!(err.variable(), var, "{value}");
@@ -548,8 +569,10 @@ mod tests {
             (ENV_LOG_LEVEL, "debug"),
             (ENV_WORKER_THREADS, "1"),
             (ENV_INTERNAL_PORT, "0"),
+            (ENV_MAX_BATCH_ITEMS, "100000"),
         ])
         .unwrap();
+        assert_eq!(c.max_batch_items, 100_000);
         assert_eq!(c.port, 0);
         assert_eq!(c.callback_url.unwrap().raw, "http://127.0.0.1:9/cb");
         assert_eq!(c.log_level, Level::Debug);

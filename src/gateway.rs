@@ -5,7 +5,8 @@
 //! API that routes call, whatever the request looked like), and the one place where a stream's end
 //! is reported: registry removal, metrics, and the disconnect callback, queued so that no caller
 //! (least of all `/internal/send`) waits on it. It does not parse HTTP and does no socket I/O:
-//! frames go to [`Stream::deliver`], which decides between its queue and a direct write.
+//! frames go to [`Stream::deliver`], which decides between its queue and a direct write, or, in a
+//! [`Batch`], to [`Stream::defer`] and then one [`Stream::flush`] per stream.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::demo::Demo;
 use crate::frame;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::stream::{Delivery, EndReason, Stream};
+use crate::stream::{Delivery, EndReason, Full, Stream};
 use crate::token::Token;
 use crate::{log, log::Level};
 
@@ -237,9 +238,36 @@ impl Gateway {
 
     /// `/internal/send`: the event (if any) to one stream by token, then its end with `close`.
     pub fn send(&self, send: &command::Send<'_>) -> Result<(), SendError> {
+        self.send_to(send, None)
+    }
+
+    /// `/internal/publish`: one frame, encoded once, to every member of any listed channel, each
+    /// stream once. Returns how many streams it was queued or written on.
+    pub async fn publish(&self, publish: &command::Publish<'_>) -> usize {
+        self.publish_to(publish, None).await
+    }
+
+    /// The operations of one `/internal/batch` (PROTOCOL §12), applied in the order they are
+    /// called; see [`Batch`].
+    pub fn batch(&self) -> Batch<'_> {
+        self.metrics.batches_total.fetch_add(1, Ordering::Relaxed);
+        Batch {
+            gateway: self,
+            pending: Vec::new(),
+            deliveries: 0,
+            bytes: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn send_to(
+        &self,
+        send: &command::Send<'_>,
+        batch: Option<&mut Batch<'_>>,
+    ) -> Result<(), SendError> {
         let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
         let frame = send.event.as_ref().map(frame::encode);
-        match self.deliver(&stream, frame.as_ref(), send.close) {
+        match self.deliver(&stream, frame.as_ref(), send.close, batch) {
             Ok(true) => {
                 log!(
                     Level::Debug,
@@ -254,9 +282,11 @@ impl Gateway {
         }
     }
 
-    /// `/internal/publish`: one frame, encoded once, to every member of any listed channel, each
-    /// stream once. Returns how many streams it was queued or written on.
-    pub async fn publish(&self, publish: &command::Publish<'_>) -> usize {
+    async fn publish_to(
+        &self,
+        publish: &command::Publish<'_>,
+        mut batch: Option<&mut Batch<'_>>,
+    ) -> usize {
         let frame = publish.event.as_ref().map(frame::encode);
         let members = self
             .channels
@@ -266,17 +296,20 @@ impl Gateway {
         let mut delivered = 0;
         for (i, chunk) in members.chunks(chunk_len).enumerate() {
             if i > 0 {
+                if let Some(batch) = batch.as_deref_mut() {
+                    batch.flush();
+                }
                 tokio::task::yield_now().await;
             }
-            delivered += chunk
-                .iter()
-                .filter(|stream| {
-                    matches!(
-                        self.deliver(stream, frame.as_ref(), publish.close),
-                        Ok(true)
-                    )
-                })
-                .count();
+            for stream in chunk {
+                let batch = batch.as_deref_mut();
+                if matches!(
+                    self.deliver(stream, frame.as_ref(), publish.close, batch),
+                    Ok(true)
+                ) {
+                    delivered += 1;
+                }
+            }
         }
         self.metrics.publishes_total.fetch_add(1, Ordering::Relaxed);
         self.metrics
@@ -318,14 +351,20 @@ impl Gateway {
 
     /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
     /// end it causes (`server_closed`, or `error` on overflow). `Ok(false)`: the stream had already
-    /// ended and nothing was queued.
+    /// ended and nothing was queued. In a batch, a frame without `close` is only queued, for the
+    /// batch's flush to write.
     fn deliver(
         &self,
-        stream: &Stream,
+        stream: &Arc<Stream>,
         frame: Option<&Bytes>,
         close: bool,
+        batch: Option<&mut Batch<'_>>,
     ) -> Result<bool, Overflowed> {
-        match stream.deliver(frame, close, self.config.max_queue_bytes) {
+        let delivery = match (frame, batch) {
+            (Some(frame), Some(batch)) if !close => batch.defer(stream, frame),
+            _ => stream.deliver(frame, close, self.config.max_queue_bytes),
+        };
+        match delivery {
             Delivery::Queued { ended } => {
                 if frame.is_some() {
                     self.metrics
@@ -345,6 +384,9 @@ impl Gateway {
                 self.metrics
                     .bytes_sent_total
                     .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .socket_writes_total
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(true)
             }
             Delivery::AlreadyEnded => Ok(false),
@@ -391,6 +433,107 @@ fn connect_channels(answer: &[u8]) -> Result<Vec<String>, ()> {
         Some(list) => channels::parse_names(list)
             .map(|names| names.into_iter().map(str::to_owned).collect())
             .ok_or(()),
+    }
+}
+
+/// One `/internal/batch`'s operations (PROTOCOL §12), applied in call order with the answers of the
+/// single routes. Frames are queued on their streams without waking the writers, so each stream
+/// touched gets all of the batch's frames for it in one `writev` when the batch flushes: at
+/// [`Batch::pace`] once a chunk's worth of deliveries is queued (a big batch yields like a big
+/// fan-out does), between a publish's chunks, and when the batch is dropped — also when the
+/// request is abandoned half-way, so no frame is left queued with its writer asleep.
+pub struct Batch<'g> {
+    gateway: &'g Gateway,
+    /// Streams with frames queued since the last flush; a stream may appear more than once.
+    pending: Vec<Arc<Stream>>,
+    /// Deliveries and frame bytes since the last flush.
+    deliveries: usize,
+    bytes: usize,
+    /// The frames of one direct write, reused.
+    scratch: Vec<Bytes>,
+}
+
+impl Batch<'_> {
+    pub fn send(&mut self, send: &command::Send<'_>) -> Result<(), SendError> {
+        let gateway = self.gateway;
+        gateway.send_to(send, Some(self))
+    }
+
+    pub async fn publish(&mut self, publish: &command::Publish<'_>) -> usize {
+        let gateway = self.gateway;
+        gateway.publish_to(publish, Some(self)).await
+    }
+
+    pub fn subscribe(&mut self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+        self.gateway.subscribe(change)
+    }
+
+    pub fn unsubscribe(&mut self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+        self.gateway.unsubscribe(change)
+    }
+
+    /// Called between items: once a chunk's worth of frames is queued (as a fan-out counts
+    /// them), writes them and yields to the scheduler.
+    pub async fn pace(&mut self) {
+        if self.deliveries >= FANOUT_CHUNK || self.bytes >= FANOUT_CHUNK_BYTES {
+            self.flush();
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Queues `frame` on `stream` for the next flush. A queue full of this batch's frames is
+    /// written first (as single requests would have been), so only a client that does not read
+    /// overflows.
+    fn defer(&mut self, stream: &Arc<Stream>, frame: &Bytes) -> Delivery {
+        let max = self.gateway.config.max_queue_bytes;
+        let delivery = loop {
+            match stream.defer(frame, max) {
+                Ok(delivery) => break delivery,
+                Err(Full) => self.flush_one(stream),
+            }
+        };
+        if matches!(delivery, Delivery::Queued { .. }) {
+            self.pending.push(stream.clone());
+            self.deliveries += 1;
+            self.bytes += frame.len();
+        }
+        delivery
+    }
+
+    fn flush_one(&mut self, stream: &Stream) {
+        if let Some(len) = stream.flush(&mut self.scratch) {
+            let metrics = &self.gateway.metrics;
+            metrics
+                .bytes_sent_total
+                .fetch_add(len as u64, Ordering::Relaxed);
+            metrics.socket_writes_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes every pending stream's queued frames: one `writev` each where the stream is idle,
+    /// else its writer is woken.
+    fn flush(&mut self) {
+        self.deliveries = 0;
+        self.bytes = 0;
+        if self.pending.is_empty() {
+            return;
+        }
+        if self.pending.len() > 1 {
+            self.pending.sort_unstable_by_key(Arc::as_ptr);
+            self.pending.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        for stream in pending.drain(..) {
+            self.flush_one(&stream);
+        }
+        // Keep the allocation for the next flush.
+        self.pending = pending;
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

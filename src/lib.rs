@@ -7,11 +7,13 @@
 //! - [`connection`]: drives hyper on one socket; hands an accepted stream's socket to its writer;
 //!   the edge bounds (request head size, 408 on a slow head, lingering close).
 //! - [`routes`]: the hyper `Service`; `(listener, method, path)` → answer; statuses and JSON bodies.
-//! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order.
+//! - [`command`]: `/internal/*` bodies validated into typed commands, in the protocol's order; the
+//!   shape of a batch and its items' `op`.
 //! - [`callback`]: the pooled, bounded HTTP client for connect/disconnect callbacks; the disconnect
 //!   queue and its retries.
 //! - [`gateway`]: shared state, a stream's life cycle (admission, open, the one end report), and the
-//!   operations API (send, publish, subscribe, unsubscribe) that routes call.
+//!   operations API (send, publish, subscribe, unsubscribe) that routes call, directly or through a
+//!   batch that writes each stream's frames once.
 //! - [`registry`]: the sharded slab of open streams, addressed by token.
 //! - [`channels`]: named channels' members, for one-request fan-out.
 //! - [`token`]: UUID v4 tokens that carry their registry address.

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub heartbeats_total: AtomicU64,
     pub publishes_total: AtomicU64,
     pub publish_deliveries_total: AtomicU64,
+    /// `writev` calls on stream sockets, by the writer tasks and by direct writes: with
+    /// `events_sent_total`, shows how many frames one write carried.
+    pub socket_writes_total: AtomicU64,
+    pub batches_total: AtomicU64,
+    pub batch_items_total: AtomicU64,
     disconnects: [AtomicU64; 3],
     callback_errors: [AtomicU64; 2],
     callback_latency: [Histogram; 2],
@@ -116,6 +121,21 @@ impl Metrics {
             "sse_gateway_publish_deliveries_total",
             "Streams a publish was queued on, summed over publishes.",
             self.publish_deliveries_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_socket_writes_total",
+            "writev calls on stream sockets (frames, heartbeats and ends; direct or by the writer).",
+            self.socket_writes_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_batches_total",
+            "Accepted /internal/batch requests.",
+            self.batches_total.load(Relaxed),
+        );
+        counter(
+            "sse_gateway_batch_items_total",
+            "Items of accepted /internal/batch requests, whatever each item's answer.",
+            self.batch_items_total.load(Relaxed),
         );
         let _ = write!(
             out,

@@ -1,9 +1,11 @@
-//! Routes: the hyper `Service` that maps `(listener, method, path)` to an answer (PROTOCOL §1, §2, §4).
+//! Routes: the hyper `Service` that maps `(listener, method, path)` to an answer (PROTOCOL §1, §2, §4,
+//! §8, §12).
 //!
 //! Owns HTTP-level decisions: which listener serves what, method checks, the bearer secret, body
 //! limits, and every status and JSON body. It parses (bodies through [`crate::command`]) and
 //! answers, nothing more: every operation is a call on [`Gateway`]'s API, and it holds no state of
-//! its own beyond an `Arc` of the gateway.
+//! its own beyond an `Arc` of the gateway. One function, `apply`, turns an operation's body and
+//! outcome into its status and body, for its own route and for a batch item alike.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,8 +21,8 @@ use hyper::body::Incoming;
 use crate::body::{Handoff, ResponseBody, StreamBody};
 use crate::callback::{capture_request, Outcome};
 use crate::channels::TooManyChannels;
-use crate::command;
-use crate::gateway::{Gateway, MembershipError, OpenError, SendError};
+use crate::command::{self, Operation};
+use crate::gateway::{Batch, Gateway, MembershipError, OpenError, SendError};
 use crate::log::Level;
 
 /// Which listener a connection came in on, and so what it may reach.
@@ -184,12 +186,13 @@ impl Routes {
                 return error(StatusCode::UNAUTHORIZED, "Unauthorized");
             }
         }
-        let operation = match request.uri().path() {
-            "/internal/send" => Operation::Send,
-            "/internal/publish" => Operation::Publish,
-            "/internal/subscribe" => Operation::Subscribe,
-            "/internal/unsubscribe" => Operation::Unsubscribe,
-            _ => return not_found(),
+        let route = match request.uri().path().strip_prefix("/internal/") {
+            Some("batch") => None,
+            Some(name) => match Operation::from_name(name) {
+                Some(operation) => Some(operation),
+                None => return not_found(),
+            },
+            None => return not_found(),
         };
         if request.method() != Method::POST {
             return method_not_allowed("POST");
@@ -199,77 +202,175 @@ impl Routes {
             Ok(object) => object,
             Err(answer) => return answer,
         };
-        let answer = match operation {
-            Operation::Send => self.send(&object),
-            Operation::Publish => self.publish(&object).await,
-            Operation::Subscribe | Operation::Unsubscribe => self.membership(&object, operation),
+        match route {
+            Some(operation) => {
+                let gateway = &*self.gateway;
+                apply(Target::Gateway(gateway), operation, &object)
+                    .await
+                    .into_answer()
+            }
+            None => self.batch(&object).await,
+        }
+    }
+
+    /// `POST /internal/batch` (PROTOCOL §12): each item answered as its own route would answer
+    /// it, in order, inside one 200.
+    async fn batch(&self, object: &command::Object) -> Answer {
+        let items = match command::batch(object) {
+            Ok(items) => items,
+            Err(message) => return invalid(message),
         };
-        answer.unwrap_or_else(invalid)
-    }
-
-    /// `POST /internal/send` (PROTOCOL §4).
-    fn send(&self, object: &command::Object) -> Result<Answer, command::Invalid> {
-        let send = command::send(object)?;
-        Ok(match self.gateway.send(&send) {
-            Ok(()) => ok(),
-            Err(SendError::NotFound) => token_not_found(),
-            Err(SendError::Overflowed) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Write failed: connection closed",
-            ),
-        })
-    }
-
-    /// `POST /internal/publish` (PROTOCOL §8).
-    async fn publish(&self, object: &command::Object) -> Result<Answer, command::Invalid> {
-        let publish = command::publish(object)?;
-        let delivered = self.gateway.publish(&publish).await;
-        Ok(json_owned(
-            StatusCode::OK,
-            format!(r#"{{"status":"ok","delivered":{delivered}}}"#),
-        ))
-    }
-
-    /// `POST /internal/subscribe` and `/internal/unsubscribe` (PROTOCOL §8, §9).
-    fn membership(
-        &self,
-        object: &command::Object,
-        operation: Operation,
-    ) -> Result<Answer, command::Invalid> {
-        let change = command::membership(object)?;
-        let result = if matches!(operation, Operation::Subscribe) {
-            self.gateway.subscribe(&change)
-        } else {
-            self.gateway.unsubscribe(&change)
-        };
-        Ok(match result {
-            Ok(()) => ok(),
-            Err(MembershipError::NotFound) => token_not_found(),
-            Err(MembershipError::TooManyChannels(TooManyChannels { limit })) => error(
+        let limit = self.gateway.config.max_batch_items;
+        if items.len() > limit {
+            return error(
                 StatusCode::BAD_REQUEST,
                 &format!(
-                    "Invalid request: a stream may be in at most {limit} channels (MAX_CHANNELS_PER_STREAM); nothing was changed"
+                    "Invalid request: a batch may hold at most {limit} requests (MAX_BATCH_ITEMS); nothing was applied"
                 ),
-            ),
-        })
+            );
+        }
+        // ~40 B per result (`{"status":200,"body":{"status":"ok"}},`).
+        let mut results = Vec::with_capacity(16 + 40 * items.len());
+        results.extend_from_slice(br#"{"results":["#);
+        let mut batch = self.gateway.batch();
+        for (i, item) in items.iter().enumerate() {
+            let reply = match command::batch_item(item) {
+                Ok((operation, object)) => {
+                    apply(Target::Batch(&mut batch), operation, object).await
+                }
+                Err(message) => Reply::invalid(message),
+            };
+            if i > 0 {
+                results.push(b',');
+            }
+            results.extend_from_slice(br#"{"status":"#);
+            results.extend_from_slice(reply.status.as_str().as_bytes());
+            results.extend_from_slice(br#","body":"#);
+            results.extend_from_slice(&reply.body);
+            results.push(b'}');
+            batch.pace().await;
+        }
+        // Writes what is still queued before the backend hears 200.
+        drop(batch);
+        results.extend_from_slice(b"]}");
+        self.gateway
+            .metrics
+            .batch_items_total
+            .fetch_add(items.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        json_bytes(StatusCode::OK, Bytes::from(results))
     }
 }
 
-/// The `/internal/*` routes, chosen before the body is read.
-#[derive(Clone, Copy)]
-enum Operation {
-    Send,
-    Publish,
-    Subscribe,
-    Unsubscribe,
+/// Where an operation is applied: by its own route straight on the gateway, or as a batch item.
+enum Target<'a, 'g> {
+    Gateway(&'a Gateway),
+    Batch(&'a mut Batch<'g>),
 }
 
-fn ok() -> Answer {
-    json(StatusCode::OK, r#"{"status":"ok"}"#)
+/// One operation's answer from its body: the single routes and every batch item go through here,
+/// so an item's result is exactly what its own request would have got.
+async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::Object) -> Reply {
+    match operation {
+        Operation::Send => match command::send(object) {
+            Ok(send) => send_reply(match target {
+                Target::Gateway(gateway) => gateway.send(&send),
+                Target::Batch(batch) => batch.send(&send),
+            }),
+            Err(message) => Reply::invalid(message),
+        },
+        Operation::Publish => match command::publish(object) {
+            Ok(publish) => publish_reply(match target {
+                Target::Gateway(gateway) => gateway.publish(&publish).await,
+                Target::Batch(batch) => batch.publish(&publish).await,
+            }),
+            Err(message) => Reply::invalid(message),
+        },
+        Operation::Subscribe | Operation::Unsubscribe => match command::membership(object) {
+            Ok(change) => membership_reply(match (target, operation) {
+                (Target::Gateway(gateway), Operation::Subscribe) => gateway.subscribe(&change),
+                (Target::Gateway(gateway), _) => gateway.unsubscribe(&change),
+                (Target::Batch(batch), Operation::Subscribe) => batch.subscribe(&change),
+                (Target::Batch(batch), _) => batch.unsubscribe(&change),
+            }),
+            Err(message) => Reply::invalid(message),
+        },
+    }
 }
 
-fn token_not_found() -> Answer {
-    error(StatusCode::NOT_FOUND, "Token not found")
+/// `/internal/send` (PROTOCOL §4).
+fn send_reply(result: Result<(), SendError>) -> Reply {
+    match result {
+        Ok(()) => Reply::ok(),
+        Err(SendError::NotFound) => Reply::token_not_found(),
+        Err(SendError::Overflowed) => Reply::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Write failed: connection closed",
+        ),
+    }
+}
+
+/// `/internal/publish` (PROTOCOL §8).
+fn publish_reply(delivered: usize) -> Reply {
+    Reply {
+        status: StatusCode::OK,
+        body: Bytes::from(format!(r#"{{"status":"ok","delivered":{delivered}}}"#)),
+    }
+}
+
+/// `/internal/subscribe` and `/internal/unsubscribe` (PROTOCOL §8, §9).
+fn membership_reply(result: Result<(), MembershipError>) -> Reply {
+    match result {
+        Ok(()) => Reply::ok(),
+        Err(MembershipError::NotFound) => Reply::token_not_found(),
+        Err(MembershipError::TooManyChannels(TooManyChannels { limit })) => Reply::error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "Invalid request: a stream may be in at most {limit} channels (MAX_CHANNELS_PER_STREAM); nothing was changed"
+            ),
+        ),
+    }
+}
+
+/// What an operation answers: a status and a JSON body, sent as a response by a single route
+/// and written into the results by a batch.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Reply {
+    fn ok() -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            body: Bytes::from_static(br#"{"status":"ok"}"#),
+        }
+    }
+
+    fn token_not_found() -> Reply {
+        Reply {
+            status: StatusCode::NOT_FOUND,
+            body: Bytes::from_static(br#"{"error":"Token not found"}"#),
+        }
+    }
+
+    fn error(status: StatusCode, message: &str) -> Reply {
+        let body = serde_json::json!({ "error": message }).to_string();
+        Reply {
+            status,
+            body: Bytes::from(body),
+        }
+    }
+
+    fn invalid(message: &str) -> Reply {
+        Reply::error(
+            StatusCode::BAD_REQUEST,
+            &format!("Invalid request: {message}"),
+        )
+    }
+
+    fn into_answer(self) -> Answer {
+        json_bytes(self.status, self.body)
+    }
 }
 
 /// Reads a body of at most `max` bytes, complete within `within` of the head, and parses it as a
@@ -360,14 +461,11 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Answer {
 }
 
 fn error(status: StatusCode, message: &str) -> Answer {
-    json_owned(status, serde_json::json!({ "error": message }).to_string())
+    Reply::error(status, message).into_answer()
 }
 
 fn invalid(message: &str) -> Answer {
-    error(
-        StatusCode::BAD_REQUEST,
-        &format!("Invalid request: {message}"),
-    )
+    Reply::invalid(message).into_answer()
 }
 
 fn not_found() -> Answer {

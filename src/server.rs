@@ -229,7 +229,7 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     }
     log!(
         Level::Info,
-        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={}",
+        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={} max_batch_items={}",
         config.callback_url.as_ref().map_or("(unset)", |u| u.raw.as_str()),
         config.callback_timeout.as_millis(),
         config.heartbeat_interval.as_secs(),
@@ -246,6 +246,7 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
         config.callback_concurrency,
         config.callback_retry.as_secs(),
         u8::from(config.internal_insecure),
+        config.max_batch_items,
     );
     if config.callback_url.is_none() {
         log!(

@@ -104,6 +104,10 @@ pub enum Delivery {
     Overflowed,
 }
 
+/// [`Stream::defer`]: the queue is full of frames that a [`Stream::flush`] can write now.
+#[derive(Debug)]
+pub struct Full;
+
 /// Ring capacity an emptied queue may keep (4 × 32 B); a larger one is freed.
 const IDLE_QUEUE_CAPACITY: usize = 4;
 
@@ -164,7 +168,9 @@ impl Stream {
                     state.writing = Writing::Direct;
                     let chunked = state.chunked;
                     drop(state);
-                    self.end_direct(writer::write_now(&socket, chunked, frame));
+                    let unwritten =
+                        writer::write_now(&socket, chunked, std::slice::from_ref(frame));
+                    self.end_direct(unwritten);
                     return Delivery::Written;
                 }
             }
@@ -187,6 +193,74 @@ impl Stream {
         drop(state);
         wake(waker);
         Delivery::Queued { ended: close }
+    }
+
+    /// Queues `frame` without writing it and without waking the writer: a batch's delivery
+    /// (PROTOCOL §12), so that every frame the batch has for this stream can go out in one write
+    /// at [`Stream::flush`], which the batch must call once it is done queueing. The bound and the
+    /// overflow are as in [`Stream::deliver`], with one step before the overflow: when the frames
+    /// filling the queue could be written now (nobody is writing), the answer is [`Full`] and
+    /// nothing changes; the caller flushes and tries again, as separate requests would have been
+    /// written and not have overflowed. Never [`Delivery::Written`].
+    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize) -> Result<Delivery, Full> {
+        let mut state = self.state.lock();
+        if state.end.is_some() {
+            return Ok(Delivery::AlreadyEnded);
+        }
+        if state.queued_bytes + frame.len() > max_queue_bytes {
+            if !state.queue.is_empty()
+                && state.writing == Writing::Idle
+                && state.raw.is_empty()
+                && state.socket.is_some()
+            {
+                return Err(Full);
+            }
+            state.end = Some(EndReason::Error);
+            state.queue = VecDeque::new();
+            state.queued_bytes = 0;
+            let waker = state.waker.take();
+            drop(state);
+            wake(waker);
+            return Ok(Delivery::Overflowed);
+        }
+        state.queued_bytes += frame.len();
+        state.queue.push_back(frame.clone());
+        Ok(Delivery::Queued { ended: false })
+    }
+
+    /// Sends what [`Stream::defer`] queued: when nobody is writing, up to
+    /// [`writer::MAX_DIRECT_FRAMES`] queued frames go out from the calling task in one `writev`
+    /// (the rest, and what the socket did not take, go to the writer); otherwise the writer is
+    /// woken and takes them in its own batches. Returns the frame bytes written directly, if any.
+    pub fn flush(&self, scratch: &mut Vec<Bytes>) -> Option<usize> {
+        let mut state = self.state.lock();
+        if state.queue.is_empty() {
+            // Taken by the writer already, or dropped by an error end.
+            return None;
+        }
+        if state.end.is_none() && state.writing == Writing::Idle && state.raw.is_empty() {
+            if let Some(socket) = state.socket.clone() {
+                let n = state.queue.len().min(writer::MAX_DIRECT_FRAMES);
+                scratch.clear();
+                scratch.extend(state.queue.drain(..n));
+                let len: usize = scratch.iter().map(Bytes::len).sum();
+                state.queued_bytes -= len;
+                if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_CAPACITY {
+                    state.queue = VecDeque::new();
+                }
+                state.writing = Writing::Direct;
+                let chunked = state.chunked;
+                drop(state);
+                let unwritten = writer::write_now(&socket, chunked, scratch);
+                scratch.clear();
+                self.end_direct(unwritten);
+                return Some(len);
+            }
+        }
+        let waker = state.waker.take();
+        drop(state);
+        wake(waker);
+        None
     }
 
     /// Queues a heartbeat if the stream is idle (nothing queued). A stream with frames waiting is
@@ -382,6 +456,31 @@ mod tests {
         s.heartbeat();
         assert_eq!(take(&s), vec![frame("x")]);
         assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Pending);
+    }
+
+    #[test]
+    fn deferred_frames_wait_for_the_flush_and_keep_their_order() {
+        let s = stream();
+        s.deliver(Some(&frame("a")), false, 100);
+        assert!(matches!(
+            s.defer(&frame("b"), 100),
+            Ok(Delivery::Queued { ended: false })
+        ));
+        // No socket to flush to: the overflow is at once.
+        assert!(matches!(s.defer(&frame("cc"), 3), Ok(Delivery::Overflowed)));
+        assert!(matches!(
+            s.defer(&frame("d"), 100),
+            Ok(Delivery::AlreadyEnded)
+        ));
+        assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Aborted);
+
+        let s = stream();
+        s.defer(&frame("a"), 100).unwrap();
+        s.defer(&frame("b"), 100).unwrap();
+        // No socket attached: the flush leaves them to the writer, in order.
+        assert_eq!(s.flush(&mut Vec::new()), None);
+        assert_eq!(take(&s), vec![frame("a"), frame("b")]);
+        assert_eq!(s.flush(&mut Vec::new()), None, "nothing left to flush");
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! - any bytes at all, and any JSON object with any values under the known keys, are answered
 //!   with a command or a 400 message, never a panic;
 //! - the parser agrees with a naive twin written here straight from PROTOCOL.md §4 and §8 (the
-//!   checks in the order the tables give them), on objects built to hit every branch.
+//!   checks in the order the tables give them), on objects built to hit every branch;
+//! - a batch item (§12) is judged as the body of its `op`'s route: the same command or the same
+//!   400, and a value that is not an object gets a body's "not an object".
 //!
 //! Cases per property: proptest's default (256), or `PROPTEST_CASES` (CI sets it higher, bounded).
 
@@ -238,6 +240,52 @@ proptest! {
         agree(command::publish(&object), twin_publish(&object)).map_err(TestCaseError::fail)?;
         agree(command::membership(&object), twin_membership(&object))
             .map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn a_batch_item_is_judged_as_its_routes_body(
+        object in request_object(),
+        op in prop_oneof![
+            Just(None),
+            Just(Some(json!("send"))),
+            Just(Some(json!("publish"))),
+            Just(Some(json!("subscribe"))),
+            Just(Some(json!("unsubscribe"))),
+            Just(Some(json!("Send"))),
+            Just(Some(json!("batch"))),
+            any_json().prop_map(Some),
+        ],
+        not_an_object in any_json().prop_filter("not an object", |v| !v.is_object()),
+    ) {
+        let mut item = object.clone();
+        if let Some(op) = &op {
+            item.insert("op".to_owned(), op.clone());
+        }
+        let item = Value::Object(item);
+        let twin = match op.as_ref().and_then(Value::as_str) {
+            Some("send") => Some(twin_send(&object)),
+            Some("publish") => Some(twin_publish(&object)),
+            Some("subscribe" | "unsubscribe") => Some(twin_membership(&object)),
+            _ => None,
+        };
+        match (command::batch_item(&item), twin) {
+            (Ok((operation, body)), Some(twin)) => {
+                let parsed = match operation {
+                    command::Operation::Send => command::send(body).map(drop),
+                    command::Operation::Publish => command::publish(body).map(drop),
+                    command::Operation::Subscribe | command::Operation::Unsubscribe => {
+                        command::membership(body).map(drop)
+                    }
+                };
+                agree(parsed, twin).map_err(TestCaseError::fail)?;
+            }
+            (Err(message), None) => prop_assert!(message.starts_with("op must be one of")),
+            (got, twin) => prop_assert!(false, "item {item}: {got:?} against twin {twin:?}"),
+        }
+        prop_assert_eq!(
+            command::batch_item(&not_an_object).err(),
+            Some(command::NOT_AN_OBJECT)
+        );
     }
 
     /// What a valid send carries reaches the command unchanged.

@@ -125,6 +125,11 @@ pub enum Scenario {
         /// Extra bytes of padding in each event's data.
         #[arg(long, default_value_t = 0)]
         payload_bytes: usize,
+        /// Events per request: with N > 1 each sender POSTs `/internal/batch` with N sends
+        /// (PROTOCOL §12) and counts each item's own status; `--rate` and `--count` still count
+        /// events. nchan has no batch: there it is N requests, one per event.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        batch: u64,
     },
     /// One event to every stream per round: round time, delivery latency, missing deliveries.
     Broadcast {

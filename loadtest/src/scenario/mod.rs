@@ -254,6 +254,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             rate,
             count,
             payload_bytes,
+            batch,
         } => {
             let o = unicast::Opts {
                 streams,
@@ -262,6 +263,7 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
                 rate,
                 count,
                 payload_bytes,
+                batch: batch as usize,
             };
             unicast::run(&mut ctx, o).await
         }

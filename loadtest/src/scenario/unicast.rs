@@ -1,7 +1,9 @@
 //! `unicast`: sends to random tokens through C keep-alive connections, at full speed or at a set
 //! rate, for a bounded time and count. Each sender owns a fixed share of the streams (stream i goes
 //! to sender i % C), so two sends to one token are never in flight at once and any out-of-order
-//! delivery is the gateway's.
+//! delivery is the gateway's. With `--batch N` each request is a `POST /internal/batch` of N sends
+//! (PROTOCOL §12), each item counted by its own result; against nchan the same N events are N
+//! requests (nchan has no batch).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,10 +26,14 @@ pub struct Opts {
     pub rate: f64,
     pub count: u64,
     pub payload_bytes: usize,
+    /// Events per request (1: `/internal/send`, more: `/internal/batch`).
+    pub batch: usize,
 }
 
 #[derive(Default)]
 struct SenderResult {
+    /// Events attempted (items, in a batch).
+    events: u64,
     ok: u64,
     latency: Histogram,
     failures: HashMap<String, u64>,
@@ -61,15 +67,22 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     };
     let duration = Duration::from_secs_f64(o.duration.max(0.0));
     let remaining = Arc::new(AtomicU64::new(o.count));
-    let per_sender_interval = (o.rate > 0.0).then(|| Duration::from_secs_f64(c as f64 / o.rate));
+    let batch = o.batch.max(1);
+    let per_sender_interval =
+        (o.rate > 0.0).then(|| Duration::from_secs_f64(c as f64 * batch as f64 / o.rate));
     ctx.report.line(format!(
-        "sending to {} tokens with {c} connections for {:.1} s at {}",
+        "sending to {} tokens with {c} connections for {:.1} s at {}{}",
         open.len(),
         duration.as_secs_f64(),
         if o.rate > 0.0 {
-            format!("{} sends/s", o.rate)
+            format!("{} events/s", o.rate)
         } else {
             "max rate".into()
+        },
+        if batch > 1 {
+            format!(", {batch} events per batch")
+        } else {
+            String::new()
         }
     ));
     let cpu = ctx.cpu();
@@ -86,6 +99,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         let mut sender = ctx.sender();
         let remaining = remaining.clone();
         let pad = pad.clone();
+        let nchan = ctx.common.target == crate::cli::TargetKind::Nchan;
         tasks.push(tokio::spawn(async move {
             let mut res = SenderResult::default();
             let mut next = rng(0x9E37_79B9_7F4A_7C15 ^ (k as u64 + 1));
@@ -103,30 +117,85 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                         break;
                     }
                 }
-                if remaining
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
-                    .is_err()
-                {
-                    break;
+                let n = match remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    (r > 0).then(|| r - r.min(batch as u64))
+                }) {
+                    Ok(r) => r.min(batch as u64) as usize,
+                    Err(_) => break,
+                };
+                if batch == 1 || nchan {
+                    for _ in 0..n {
+                        let slot = &share[(next() % share.len() as u64) as usize];
+                        let token = slot.token.get().expect("open_with_token filtered");
+                        let seq = slot.next_seq.fetch_add(1, Ordering::Relaxed);
+                        let body = send_body(token, "load", seq, now_us(), &pad);
+                        let s = Instant::now();
+                        let ans = sender.post("/internal/send", &body).await;
+                        res.latency.record(s.elapsed().as_micros() as u64);
+                        res.events += 1;
+                        match ans {
+                            Ok((200, _)) => {
+                                slot.expected.fetch_add(1, Ordering::Relaxed);
+                                res.ok += 1;
+                            }
+                            Ok((st, b)) => {
+                                *res.failures
+                                    .entry(format!("status {st}: {}", String::from_utf8_lossy(&b)))
+                                    .or_default() += 1
+                            }
+                            Err(e) => *res.failures.entry(e).or_default() += 1,
+                        }
+                    }
+                    continue;
                 }
-                let slot = &share[(next() % share.len() as u64) as usize];
-                let token = slot.token.get().expect("open_with_token filtered");
-                let seq = slot.next_seq.fetch_add(1, Ordering::Relaxed);
-                let body = send_body(token, "load", seq, now_us(), &pad);
+                // One /internal/batch of n sends; items for one token keep their seq order.
+                let mut slots = Vec::with_capacity(n);
+                let mut body = Vec::with_capacity(n * 96 + 16);
+                body.extend_from_slice(br#"{"requests":["#);
+                let ts = now_us();
+                for i in 0..n {
+                    let slot = &share[(next() % share.len() as u64) as usize];
+                    let token = slot.token.get().expect("open_with_token filtered");
+                    let seq = slot.next_seq.fetch_add(1, Ordering::Relaxed);
+                    if i > 0 {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(br#"{"op":"send","#);
+                    // send_body's object without its opening brace.
+                    body.extend_from_slice(&send_body(token, "load", seq, ts, &pad)[1..]);
+                    slots.push(slot);
+                }
+                body.extend_from_slice(b"]}");
                 let s = Instant::now();
-                let ans = sender.post("/internal/send", &body).await;
+                let ans = sender.post("/internal/batch", &body).await;
                 res.latency.record(s.elapsed().as_micros() as u64);
-                match ans {
-                    Ok((200, _)) => {
+                res.events += n as u64;
+                let results = match &ans {
+                    Ok((200, b)) => serde_json::from_slice::<serde_json::Value>(b)
+                        .ok()
+                        .and_then(|v| v["results"].as_array().cloned())
+                        .filter(|r| r.len() == n),
+                    _ => None,
+                };
+                let Some(results) = results else {
+                    let why = match ans {
+                        Ok((st, b)) => {
+                            format!("batch status {st}: {}", String::from_utf8_lossy(&b))
+                        }
+                        Err(e) => e,
+                    };
+                    *res.failures.entry(why).or_default() += n as u64;
+                    continue;
+                };
+                for (slot, r) in slots.iter().zip(&results) {
+                    if r["status"] == 200 {
                         slot.expected.fetch_add(1, Ordering::Relaxed);
                         res.ok += 1;
-                    }
-                    Ok((st, b)) => {
+                    } else {
                         *res.failures
-                            .entry(format!("status {st}: {}", String::from_utf8_lossy(&b)))
-                            .or_default() += 1
+                            .entry(format!("item status {}: {}", r["status"], r["body"]))
+                            .or_default() += 1;
                     }
-                    Err(e) => *res.failures.entry(e).or_default() += 1,
                 }
             }
             res
@@ -137,6 +206,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         // Each sender stops by `deadline` plus one request timeout; a join error is a panic.
         match t.await {
             Ok(r) => {
+                total.events += r.events;
                 total.ok += r.ok;
                 for (k, v) in r.failures {
                     *total.failures.entry(k).or_default() += v;
@@ -147,7 +217,8 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         }
     }
     let send_secs = t0.elapsed().as_secs_f64();
-    let attempts = total.latency.count();
+    let attempts = total.events;
+    let requests = total.latency.count();
     let failed: u64 = total.failures.values().sum();
     // Deliveries: wait (bounded) until every accepted send arrived.
     let drain_deadline = Instant::now() + Duration::from_secs(ctx.common.drain_timeout);
@@ -174,7 +245,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     let unparsed = sink.unparsed.load(Ordering::Relaxed);
     let delivery = sink.latency.lock().unwrap().clone();
     ctx.report.line(format!(
-        "sends: {attempts} in {send_secs:.2} s = {:.0}/s; accepted (200) {} ; failed {failed}",
+        "sends: {attempts} in {send_secs:.2} s = {:.0}/s in {requests} requests; accepted (200) {} ; failed {failed}",
         attempts as f64 / send_secs.max(1e-9),
         total.ok
     ));
@@ -198,7 +269,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         "unicast",
         json!({
             "streams": open.len(), "concurrency": c, "rate_target": o.rate, "seconds": round(send_secs, 3),
-            "sends": attempts, "accepted": total.ok, "failed": failed,
+            "sends": attempts, "requests": requests, "batch": batch, "accepted": total.ok, "failed": failed,
             "failures": total.failures, "sends_per_s": round(attempts as f64 / send_secs.max(1e-9), 1),
             "request_latency": total.latency.json(), "delivery_latency": delivery.json(),
             "delivered": delivered, "lost": lost, "unexpected": extra, "out_of_order": ooo, "unparsed": unparsed,
