@@ -87,10 +87,7 @@ impl Metrics {
     ) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, value: u64| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-            );
+            family(&mut out, name, "counter", help, "", [("", value)]);
         };
         counter(
             "sse_gateway_connections_total",
@@ -137,41 +134,46 @@ impl Metrics {
             "Items of accepted /internal/batch requests, whatever each item's answer.",
             self.batch_items_total.load(Relaxed),
         );
-        let _ = write!(
-            out,
-            "# HELP sse_gateway_channels Channels with at least one member.\n# TYPE sse_gateway_channels gauge\nsse_gateway_channels {channels}\n"
+        let gauge = |out: &mut String, name: &str, help: &str, value: usize| {
+            family(out, name, "gauge", help, "", [("", value as u64)]);
+        };
+        gauge(
+            &mut out,
+            "sse_gateway_channels",
+            "Channels with at least one member.",
+            channels,
         );
-        let _ = write!(
-            out,
-            "# HELP sse_gateway_connections Open streams.\n# TYPE sse_gateway_connections gauge\nsse_gateway_connections {connections}\n"
+        gauge(
+            &mut out,
+            "sse_gateway_connections",
+            "Open streams.",
+            connections,
         );
-        out.push_str("# HELP sse_gateway_disconnects_total Streams ended, by reason.\n# TYPE sse_gateway_disconnects_total counter\n");
-        for reason in EndReason::ALL {
-            let _ = writeln!(
-                out,
-                "sse_gateway_disconnects_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.disconnects[reason.index()].load(Relaxed)
-            );
-        }
-        out.push_str("# HELP sse_gateway_callback_errors_total Callbacks that failed (transport, timeout or non-2xx).\n# TYPE sse_gateway_callback_errors_total counter\n");
-        for action in CallbackAction::ALL {
-            let _ = writeln!(
-                out,
-                "sse_gateway_callback_errors_total{{action=\"{}\"}} {}",
-                action.as_str(),
-                self.callback_errors[action as usize].load(Relaxed)
-            );
-        }
-        out.push_str("# HELP sse_gateway_callback_queue Callbacks waiting to be sent (not yet in flight).\n# TYPE sse_gateway_callback_queue gauge\n");
-        for action in CallbackAction::ALL {
-            let _ = writeln!(
-                out,
-                "sse_gateway_callback_queue{{action=\"{}\"}} {}",
-                action.as_str(),
-                callback_queue[action as usize]
-            );
-        }
+        family(
+            &mut out,
+            "sse_gateway_disconnects_total",
+            "counter",
+            "Streams ended, by reason.",
+            "reason",
+            EndReason::ALL.map(|r| (r.as_str(), self.disconnects[r.index()].load(Relaxed))),
+        );
+        family(
+            &mut out,
+            "sse_gateway_callback_errors_total",
+            "counter",
+            "Callbacks that failed (transport, timeout or non-2xx).",
+            "action",
+            CallbackAction::ALL
+                .map(|a| (a.as_str(), self.callback_errors[a as usize].load(Relaxed))),
+        );
+        family(
+            &mut out,
+            "sse_gateway_callback_queue",
+            "gauge",
+            "Callbacks waiting to be sent (not yet in flight).",
+            "action",
+            CallbackAction::ALL.map(|a| (a.as_str(), callback_queue[a as usize] as u64)),
+        );
         out.push_str("# HELP sse_gateway_callback_duration_seconds Callback latency.\n# TYPE sse_gateway_callback_duration_seconds histogram\n");
         for action in CallbackAction::ALL {
             let h = &self.callback_latency[action as usize];
@@ -192,6 +194,26 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+/// One metric family: its HELP and TYPE lines, then a sample per `(label value, value)`; with an
+/// empty `label` name, the one unlabelled sample.
+fn family(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'static str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (label_value, value) in samples {
+        let _ = if label.is_empty() {
+            writeln!(out, "{name} {value}")
+        } else {
+            writeln!(out, "{name}{{{label}=\"{label_value}\"}} {value}")
+        };
     }
 }
 

@@ -175,13 +175,7 @@ impl Stream {
                 }
             }
             if state.queued_bytes + frame.len() > max_queue_bytes {
-                state.end = Some(EndReason::Error);
-                state.queue = VecDeque::new();
-                state.queued_bytes = 0;
-                let waker = state.waker.take();
-                drop(state);
-                wake(waker);
-                return Delivery::Overflowed;
+                return overflow(state);
             }
             state.queued_bytes += frame.len();
             state.queue.push_back(frame.clone());
@@ -215,13 +209,7 @@ impl Stream {
             {
                 return Err(Full);
             }
-            state.end = Some(EndReason::Error);
-            state.queue = VecDeque::new();
-            state.queued_bytes = 0;
-            let waker = state.waker.take();
-            drop(state);
-            wake(waker);
-            return Ok(Delivery::Overflowed);
+            return Ok(overflow(state));
         }
         state.queued_bytes += frame.len();
         state.queue.push_back(frame.clone());
@@ -376,6 +364,18 @@ impl Stream {
     pub fn queued_bytes(&self) -> usize {
         self.state.lock().queued_bytes
     }
+}
+
+/// Ends the stream for a frame that would pass `MAX_QUEUE_BYTES`: its queue is dropped, and the
+/// writer woken to abort the response.
+fn overflow(mut state: parking_lot::MutexGuard<'_, State>) -> Delivery {
+    state.end = Some(EndReason::Error);
+    state.queue = VecDeque::new();
+    state.queued_bytes = 0;
+    let waker = state.waker.take();
+    drop(state);
+    wake(waker);
+    Delivery::Overflowed
 }
 
 fn park(slot: &mut Option<Waker>, waker: &Waker) {

@@ -303,19 +303,25 @@ mod tests {
         assert!(stream <= 208, "Stream is {stream} B");
     }
 
+    /// A stream attached to the server end of a loopback connection, and the client end.
+    async fn attached_stream() -> (crate::stream::Stream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let stream = crate::stream::Stream::new(crate::token::Token::random(), Bytes::new());
+        stream.attach(Arc::new(server), true);
+        (stream, client)
+    }
+
     /// A delivery to an idle, attached stream writes the chunk itself; one bigger than the queue
     /// bound still overflows, as it would through the queue.
     #[tokio::test]
     async fn idle_streams_are_written_directly_and_the_bound_still_holds() {
-        use crate::stream::{Delivery, Stream};
+        use crate::stream::Delivery;
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let stream = Stream::new(crate::token::Token::random(), Bytes::new());
-        stream.attach(Arc::new(server), true);
+        let (stream, mut client) = attached_stream().await;
 
         let frame = Bytes::from_static(b"data: hi\n\n");
         assert!(
@@ -346,15 +352,9 @@ mod tests {
     /// A batch's deferred frames for one idle stream go out as one chunk in one write.
     #[tokio::test]
     async fn a_flush_writes_the_deferred_frames_as_one_chunk() {
-        use crate::stream::{Delivery, Stream};
+        use crate::stream::Delivery;
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let stream = Stream::new(crate::token::Token::random(), Bytes::new());
-        stream.attach(Arc::new(server), true);
+        let (stream, mut client) = attached_stream().await;
         for frame in ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n"] {
             assert!(matches!(
                 stream.defer(&Bytes::from_static(frame.as_bytes()), 27),
