@@ -220,8 +220,9 @@ async fn callback_timeout_is_504() {
 
 #[tokio::test]
 async fn backend_down_is_503() {
+    let url = down_url();
     let gw = Gateway::builder()
-        .env("CALLBACK_URL", down_url())
+        .env("CALLBACK_URL", url.clone())
         .spawn()
         .await;
     let r = timeout(Duration::from_secs(4), open_stream(gw.addr, "/x"))
@@ -230,6 +231,14 @@ async fn backend_down_is_503() {
         .err()
         .expect("not a stream");
     r.assert_json(503, json!({"error": "Backend unavailable"}));
+    // The log says which URL failed and why, not just "Unavailable".
+    let line = gw
+        .logs
+        .wait_for(|l| l.contains("stream refused"), SOON)
+        .await
+        .unwrap_or_else(|| panic!("no refusal logged: {:#?}", gw.logs.lines()));
+    assert!(line.contains(&url), "{line}");
+    assert!(line.contains("refused"), "{line}");
 }
 
 #[tokio::test]
