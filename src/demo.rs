@@ -8,7 +8,8 @@
 //! - the **page** at `GET /_demo/`, embedded in the binary, which opens an `EventSource`, shows what
 //!   arrives, and sends events through the real `/internal/send` and `/internal/publish`; its live
 //!   panel plots the gateway's own `GET /metrics`, and its burst button publishes 1000 events to
-//!   channel `demo` itself (the double stays a plain callback server);
+//!   channel `demo` itself, in ten `/internal/batch` requests (the double stays a plain callback
+//!   server);
 //! - `GET /_demo/token?id=<demo_id>` → `{"token":"..."}`, so the page learns its own token.
 //!
 //! Outside demo mode none of this runs and every `GET` path, `/_demo/` included, stays a stream path.
@@ -495,6 +496,7 @@ mod tests {
         for needed in [
             "/internal/send",
             "/internal/publish",
+            "/internal/batch",
             "/_demo/token",
             "addEventListener",
             "lastEventId",
