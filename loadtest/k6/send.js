@@ -12,9 +12,9 @@
 // One run per `hold`: sequence numbers start at 1, so a second run against the same streams counts
 // every event as out-of-order. Restart `hold` between runs.
 import http from 'k6/http';
-import exec from 'k6/execution';
-import { check, sleep, fail } from 'k6';
-import { Counter, Rate, Trend } from 'k6/metrics';
+import { check, fail } from 'k6';
+import { Counter, Rate } from 'k6/metrics';
+import { LOSS_THRESHOLDS, holdSetup, holdTeardown, nextToken } from './hold.js';
 
 const GATEWAY = __ENV.GATEWAY || fail('set GATEWAY=http://host:port (the internal listener)');
 const CONTROL = __ENV.CONTROL || fail('set CONTROL=http://host:port (sse-load hold control)');
@@ -32,11 +32,6 @@ if (__ENV.SECRET) headers.Authorization = `Bearer ${__ENV.SECRET}`;
 
 const sendFailed = new Rate('send_failed');
 const sendsOk = new Counter('sends_accepted');
-const missing = new Counter('missing_deliveries');
-const lost = new Counter('lost_deliveries');
-const outOfOrder = new Counter('out_of_order_deliveries');
-const delivered = new Counter('delivered_events');
-const deliveryP99 = new Trend('delivery_p99_us_from_hold');
 
 export const options = {
   scenarios: {
@@ -53,41 +48,17 @@ export const options = {
     send_failed: [`rate<=${MAX_ERROR_RATE}`],
     http_req_failed: [`rate<=${MAX_ERROR_RATE}`],
     'http_req_duration{name:send}': [`p(99)<${P99_MS}`],
-    missing_deliveries: ['count==0'],
-    lost_deliveries: ['count==0'],
-    out_of_order_deliveries: ['count==0'],
-    dropped_iterations: ['count==0'],
+    ...LOSS_THRESHOLDS,
   },
   summaryTrendStats: ['avg', 'p(50)', 'p(99)', 'max'],
 };
 
-function stats() {
-  const r = http.get(`${CONTROL}/stats`, { tags: { name: 'stats' } });
-  if (r.status !== 200) fail(`GET ${CONTROL}/stats: ${r.status} ${r.error}`);
-  return r.json();
-}
-
 export function setup() {
-  const r = http.get(`${CONTROL}/tokens`, { tags: { name: 'tokens' } });
-  if (r.status !== 200) fail(`GET ${CONTROL}/tokens: ${r.status} ${r.error}`);
-  const tokens = r.json();
-  if (tokens.length < VUS) fail(`${tokens.length} tokens for ${VUS} VUs: hold more streams or lower VUS`);
-  return { tokens, before: stats() };
+  return holdSetup(CONTROL, VUS);
 }
-
-// Per VU: its share of the tokens, the next one to use and each token's next sequence number.
-let mine = null;
-let next = 0;
-const seq = {};
 
 export default function (data) {
-  if (mine === null) {
-    const k = (exec.vu.idInTest - 1) % VUS;
-    mine = data.tokens.filter((_, i) => i % VUS === k);
-  }
-  const token = mine[next++ % mine.length];
-  const n = (seq[token] || 0) + 1;
-  seq[token] = n;
+  const { token, n } = nextToken(data, VUS);
   const body = JSON.stringify({ token, event: { name: 'k6', data: `${n} ${Date.now() * 1000}${PAD}` } });
   const r = http.post(`${GATEWAY}/internal/send`, body, { headers, tags: { name: 'send' } });
   const ok = check(r, { 'send 200': (x) => x.status === 200 });
@@ -96,21 +67,11 @@ export default function (data) {
 }
 
 export function teardown(data) {
-  sleep(DRAIN_SECONDS);
-  const after = stats();
-  // Every accepted send must have arrived exactly once. k6 gives teardown no metric values, so
-  // read this run's own counter from k6's REST API.
-  const m = http.get(`${K6_API}/v1/metrics/sends_accepted`, { tags: { name: 'k6api' } });
-  if (m.status !== 200) fail(`GET ${K6_API}/v1/metrics/sends_accepted: ${m.status} ${m.error}`);
-  const sent = m.json().data.attributes.sample.count;
-  const got = after.events - data.before.events;
-  delivered.add(got);
-  missing.add(Math.max(0, sent - got));
-  lost.add(after.lost - data.before.lost);
-  outOfOrder.add(after.out_of_order - data.before.out_of_order);
-  deliveryP99.add(after.latency_p99_us);
-  console.log(`sends accepted ${sent}, delivered ${got}, lost (seq gaps) ${after.lost - data.before.lost}, ` +
-    `out-of-order ${after.out_of_order - data.before.out_of_order}, delivery p50/p99/max ` +
-    `${after.latency_p50_us}/${after.latency_p99_us}/${after.latency_max_us} µs, streams open ` +
-    `${after.streams_open}, ended ${after.streams_ended}`);
+  holdTeardown(data, {
+    control: CONTROL,
+    k6Api: K6_API,
+    accepted: 'sends_accepted',
+    drainSeconds: DRAIN_SECONDS,
+    what: 'sends',
+  });
 }
