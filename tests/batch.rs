@@ -591,6 +591,13 @@ async fn a_batch_writes_each_stream_once() {
         )
     };
 
+    // A frame read proves the stream's writer has the socket: before that (the head can reach the
+    // client before the writer takes over), sends queue and leave together in one write.
+    for (stream, token) in &mut streams {
+        gw.send_ok(&json!({"token": token, "event": {"data": "warm"}}))
+            .await;
+        assert_eq!(data_of_next(stream, 1).await, ["warm"]);
+    }
     let (writes0, events0) = counts(&gw.metrics().await);
     for i in 0..10 {
         gw.send_ok(&json!({"token": streams[0].1, "event": {"data": i.to_string()}}))
