@@ -51,9 +51,9 @@ pub enum Outcome {
     /// Any other status (a 3xx included, never followed).
     Refused(StatusCode),
     Timeout,
-    /// No connection could be made, or the connection closed without a byte of answer (a
-    /// keep-alive connection the backend had already closed, or a backend that died): a
-    /// disconnect may be retried. The text says why, for the log.
+    /// No connection could be made, or the connection closed or was reset without a byte of
+    /// answer (a keep-alive connection the backend had already closed, or a backend that died):
+    /// a disconnect may be retried. The text says why, for the log.
     Unreachable(String),
     /// The request failed after a connection was made (reset, malformed answer).
     Unavailable(String),
@@ -320,15 +320,26 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Whether hyper reports the connection closed before the answer was complete: a pooled
-/// connection the backend had closed while idle, or a backend that went away. Retrying then is
-/// what makes a backend restart lose no disconnect; the price is a possible duplicate when the
-/// backend died after acting on the request but before answering (it then lost its state too).
+/// Whether the connection closed or was reset before any answer: a pooled connection the backend
+/// had closed while idle (hyper's "closed before message completed"), or reset by a backend that
+/// went away (ECONNRESET, EPIPE). Retrying then is what makes a backend restart lose no
+/// disconnect; the price is a possible duplicate when the backend died after acting on the
+/// request but before answering (it then lost its state too).
 fn closed_unanswered(err: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
     let mut source = err.source();
     while let Some(cause) = source {
-        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
-            return hyper.is_incomplete_message();
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted
+            );
         }
         source = cause.source();
     }
