@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::net::TcpStream;
 
 use crate::channels::Memberships;
@@ -76,6 +76,34 @@ struct State {
     chunked: bool,
     /// Who is writing to the socket right now; at most one party at a time.
     writing: Writing,
+}
+
+impl State {
+    /// The socket, when a delivery may write to it itself now: attached, nobody writing, and
+    /// nothing left of an interrupted write that would have to go first.
+    fn idle_socket(&self) -> Option<Arc<TcpStream>> {
+        if self.writing == Writing::Idle && self.raw.is_empty() {
+            self.socket.clone()
+        } else {
+            None
+        }
+    }
+
+    /// Moves up to `max` queued frames, in order, into `out`; returns their bytes. A ring that a
+    /// burst grew is freed once emptied: an idle stream should not keep paying for it.
+    fn take_frames(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
+        let n = self.queue.len().min(max);
+        let mut len = 0;
+        for frame in self.queue.drain(..n) {
+            len += frame.len();
+            out.push(frame);
+        }
+        self.queued_bytes -= len;
+        if self.queue.is_empty() && self.queue.capacity() > IDLE_QUEUE_CAPACITY {
+            self.queue = VecDeque::new();
+        }
+        len
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -158,19 +186,9 @@ impl Stream {
             return Delivery::AlreadyEnded;
         }
         if let Some(frame) = frame {
-            if !close
-                && state.writing == Writing::Idle
-                && state.queue.is_empty()
-                && state.raw.is_empty()
-                && frame.len() <= max_queue_bytes
-            {
-                if let Some(socket) = state.socket.clone() {
-                    state.writing = Writing::Direct;
-                    let chunked = state.chunked;
-                    drop(state);
-                    let unwritten =
-                        writer::write_now(&socket, chunked, std::slice::from_ref(frame));
-                    self.end_direct(unwritten);
+            if !close && state.queue.is_empty() && frame.len() <= max_queue_bytes {
+                if let Some(socket) = state.idle_socket() {
+                    self.write_directly(state, &socket, std::slice::from_ref(frame));
                     return Delivery::Written;
                 }
             }
@@ -202,11 +220,7 @@ impl Stream {
             return Ok(Delivery::AlreadyEnded);
         }
         if state.queued_bytes + frame.len() > max_queue_bytes {
-            if !state.queue.is_empty()
-                && state.writing == Writing::Idle
-                && state.raw.is_empty()
-                && state.socket.is_some()
-            {
+            if !state.queue.is_empty() && state.idle_socket().is_some() {
                 return Err(Full);
             }
             return Ok(overflow(state));
@@ -226,22 +240,12 @@ impl Stream {
             // Taken by the writer already, or dropped by an error end.
             return None;
         }
-        if state.end.is_none() && state.writing == Writing::Idle && state.raw.is_empty() {
-            if let Some(socket) = state.socket.clone() {
-                let n = state.queue.len().min(writer::MAX_DIRECT_FRAMES);
+        if state.end.is_none() {
+            if let Some(socket) = state.idle_socket() {
                 scratch.clear();
-                scratch.extend(state.queue.drain(..n));
-                let len: usize = scratch.iter().map(Bytes::len).sum();
-                state.queued_bytes -= len;
-                if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_CAPACITY {
-                    state.queue = VecDeque::new();
-                }
-                state.writing = Writing::Direct;
-                let chunked = state.chunked;
-                drop(state);
-                let unwritten = writer::write_now(&socket, chunked, scratch);
+                let len = state.take_frames(scratch, writer::MAX_DIRECT_FRAMES);
+                self.write_directly(state, &socket, scratch);
                 scratch.clear();
-                self.end_direct(unwritten);
                 return Some(len);
             }
         }
@@ -310,15 +314,7 @@ impl Stream {
             return Next::Raw;
         }
         if !state.queue.is_empty() {
-            let n = state.queue.len().min(max);
-            for frame in state.queue.drain(..n) {
-                state.queued_bytes -= frame.len();
-                out.push(frame);
-            }
-            if state.queue.is_empty() && state.queue.capacity() > IDLE_QUEUE_CAPACITY {
-                // A burst grew the ring; an idle stream should not keep paying for it.
-                state.queue = VecDeque::new();
-            }
+            state.take_frames(out, max);
             state.writing = Writing::Task;
             return Next::Frames;
         }
@@ -330,6 +326,21 @@ impl Stream {
             Some(EndReason::Error) => Next::Aborted,
             Some(_) => Next::Finished,
         }
+    }
+
+    /// Writes `frames` (already taken from the queue, or never queued) from the calling task,
+    /// holding the right to write for the time of the `writev`, not the lock.
+    fn write_directly(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        socket: &TcpStream,
+        frames: &[Bytes],
+    ) {
+        state.writing = Writing::Direct;
+        let chunked = state.chunked;
+        drop(state);
+        let unwritten = writer::write_now(socket, chunked, frames);
+        self.end_direct(unwritten);
     }
 
     /// Gives back the right to write taken for a direct write, with the bytes the socket did not
@@ -368,7 +379,7 @@ impl Stream {
 
 /// Ends the stream for a frame that would pass `MAX_QUEUE_BYTES`: its queue is dropped, and the
 /// writer woken to abort the response.
-fn overflow(mut state: parking_lot::MutexGuard<'_, State>) -> Delivery {
+fn overflow(mut state: MutexGuard<'_, State>) -> Delivery {
     state.end = Some(EndReason::Error);
     state.queue = VecDeque::new();
     state.queued_bytes = 0;
