@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -361,21 +361,19 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 /// `prefix` + reason + token + request, in the key order of PROTOCOL §2 and §5.
 fn encode(prefix: &[u8], token: Token, reason: Option<EndReason>, request: &Bytes) -> Bytes {
-    let mut buf = BytesMut::with_capacity(prefix.len() + 96 + request.len() * 2);
-    buf.put_slice(prefix);
+    let mut buf = Vec::with_capacity(prefix.len() + 160 + request.len() * 2);
+    buf.extend_from_slice(prefix);
     if let Some(reason) = reason {
-        buf.put_slice(reason.as_str().as_bytes());
-        buf.put_slice(b"\",\"token\":\"");
+        buf.extend_from_slice(reason.as_str().as_bytes());
+        buf.extend_from_slice(b"\",\"token\":\"");
     }
     let mut text = [0u8; 36];
     token.write_to(&mut text);
-    buf.put_slice(&text);
-    buf.put_slice(b"\",\"request\":");
-    let mut json = Vec::with_capacity(64 + request.len() * 2);
-    write_request_json(&mut json, request);
-    buf.put_slice(&json);
-    buf.put_u8(b'}');
-    buf.freeze()
+    buf.extend_from_slice(&text);
+    buf.extend_from_slice(b"\",\"request\":");
+    write_request_json(&mut buf, request);
+    buf.push(b'}');
+    Bytes::from(buf)
 }
 
 /// The request a stream keeps for its callbacks, in a compact form no larger than the head the
@@ -417,25 +415,27 @@ fn capture_size(target: &str, headers: &HeaderMap) -> usize {
 /// decoded as ISO-8859-1 so no byte is lost.
 fn write_request_json(json: &mut Vec<u8>, request: &[u8]) {
     let mut lines = request.split(|&b| b == b'\n');
+    let mut text = String::new();
     json.extend_from_slice(b"{\"url\":");
-    write_json_latin1(json, lines.next().unwrap_or_default());
+    write_json_latin1(json, &mut text, lines.next().unwrap_or_default());
     json.extend_from_slice(b",\"headers\":{");
     for (i, line) in lines.enumerate() {
         if i > 0 {
             json.push(b',');
         }
         let colon = memchr::memchr(b':', line).unwrap_or(line.len());
-        write_json_latin1(json, &line[..colon]);
+        write_json_latin1(json, &mut text, &line[..colon]);
         json.push(b':');
-        write_json_latin1(json, line.get(colon + 1..).unwrap_or_default());
+        write_json_latin1(json, &mut text, line.get(colon + 1..).unwrap_or_default());
     }
     json.extend_from_slice(b"}}");
 }
 
-/// `bytes` as a JSON string, each byte one ISO-8859-1 character.
-fn write_json_latin1(out: &mut Vec<u8>, bytes: &[u8]) {
-    let text: String = bytes.iter().map(|&b| char::from(b)).collect();
-    serde_json::to_writer(out, &text).expect("writing to a Vec cannot fail");
+/// `bytes` as a JSON string, each byte one ISO-8859-1 character; `text` is reused scratch.
+fn write_json_latin1(out: &mut Vec<u8>, text: &mut String, bytes: &[u8]) {
+    text.clear();
+    text.extend(bytes.iter().map(|&b| char::from(b)));
+    serde_json::to_writer(out, text.as_str()).expect("writing to a Vec cannot fail");
 }
 
 #[cfg(test)]
