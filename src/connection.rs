@@ -34,7 +34,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::server::conn::http1;
@@ -49,7 +49,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::body::{Handoff, ResponseBody};
 use crate::config::Config;
 use crate::gateway::Gateway;
-use crate::routes::{Listener, Routes};
+use crate::routes::{request_target, Listener, Routes};
 use crate::writer::StreamWriter;
 use crate::{log, log::Level};
 
@@ -87,12 +87,14 @@ pub fn http1_builder(config: &Config) -> http1::Builder {
     http
 }
 
-/// The answers the edge gives itself, before any route runs.
+/// The answers of the edge bounds (PROTOCOL §9), each followed by closing the connection: given
+/// by the driver before any route runs, and by the routes for a body too large or too slow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Refusal {
+pub(crate) enum Refusal {
     UriTooLong,
     HeadTooLarge,
     Timeout,
+    PayloadTooLarge,
 }
 
 impl Refusal {
@@ -101,6 +103,7 @@ impl Refusal {
             Refusal::UriTooLong => StatusCode::URI_TOO_LONG,
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -109,11 +112,12 @@ impl Refusal {
             Refusal::UriTooLong => r#"{"error":"URI too long"}"#,
             Refusal::HeadTooLarge => r#"{"error":"Request header fields too large"}"#,
             Refusal::Timeout => r#"{"error":"Request timeout"}"#,
+            Refusal::PayloadTooLarge => r#"{"error":"Payload too large"}"#,
         }
     }
 
     /// As an answer hyper writes (the connection closes after it).
-    fn answer(self) -> Response<ResponseBody> {
+    pub(crate) fn answer(self) -> Response<ResponseBody> {
         let body = Bytes::from_static(self.body().as_bytes());
         let mut answer = Response::new(ResponseBody::Full(Some(body)));
         *answer.status_mut() = self.status();
@@ -163,15 +167,6 @@ impl Refusal {
     }
 }
 
-/// The request target's length as sent.
-fn target_len(uri: &Uri) -> usize {
-    match (uri.scheme(), uri.path_and_query()) {
-        (None, Some(pq)) => pq.as_str().len(),
-        // Absolute or authority form: rare enough to format.
-        _ => uri.to_string().len(),
-    }
-}
-
 /// Checks a parsed head against `bound`, measured as the client sent it: the request line
 /// (`METHOD SP target SP HTTP/1.x CRLF`), one `name: value CRLF` per field line (hyper keeps each
 /// repeated field separately), and the final CRLF. Exact for the usual one-space form; a client
@@ -179,7 +174,7 @@ fn target_len(uri: &Uri) -> usize {
 /// sends empty lines before the request line is counted less (the IO wrapper still stops it at
 /// `bound + HEAD_SLACK`).
 fn head_refusal(request: &Request<Incoming>, bound: usize) -> Option<Refusal> {
-    let target = target_len(request.uri());
+    let target = request_target(request.uri()).len();
     if target > bound {
         return Some(Refusal::UriTooLong);
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
@@ -22,6 +22,7 @@ use crate::body::{Handoff, ResponseBody, StreamBody};
 use crate::callback::{capture_request, Outcome};
 use crate::channels::TooManyChannels;
 use crate::command::{self, Operation};
+use crate::connection::Refusal;
 use crate::gateway::{Batch, Gateway, MembershipError, OpenError, SendError};
 use crate::log::Level;
 
@@ -133,11 +134,7 @@ impl Routes {
             return error(StatusCode::SERVICE_UNAVAILABLE, "Server shutting down");
         }
         let uri = request.uri();
-        // Origin-form targets keep their exact bytes; an absolute-form target is rebuilt whole.
-        let target = match (uri.scheme(), uri.path_and_query()) {
-            (None, Some(pq)) => pq.as_str().to_owned(),
-            _ => uri.to_string(),
-        };
+        let target = request_target(uri);
         let request_copy = capture_request(&target, request.headers());
         // hyper frames an unknown-length body as chunked for HTTP/1.1, close-delimited for 1.0.
         let chunked = request.version() >= Version::HTTP_11;
@@ -373,6 +370,15 @@ impl Reply {
     }
 }
 
+/// The request target as the client sent it: an origin-form target keeps its exact bytes; an
+/// absolute- or authority-form one (rare) is rebuilt whole.
+pub(crate) fn request_target(uri: &Uri) -> std::borrow::Cow<'_, str> {
+    match (uri.scheme(), uri.path_and_query()) {
+        (None, Some(pq)) => pq.as_str().into(),
+        _ => uri.to_string().into(),
+    }
+}
+
 /// Reads a body of at most `max` bytes, complete within `within` of the head, and parses it as a
 /// JSON object; the error is the answer. A refusal before the body's end says `Connection: close`:
 /// the unread rest is discarded by the connection's lingering close, never parsed as a request.
@@ -381,14 +387,7 @@ async fn read_object(
     max: usize,
     within: Duration,
 ) -> Result<command::Object, Answer> {
-    let closing = |status, message| {
-        let mut answer = error(status, message);
-        answer
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        answer
-    };
-    let too_large = || closing(StatusCode::PAYLOAD_TOO_LARGE, "Payload too large");
+    let too_large = || Refusal::PayloadTooLarge.answer();
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -408,7 +407,7 @@ async fn read_object(
                 "Invalid request: body could not be read",
             ));
         }
-        Err(_) => return Err(closing(StatusCode::REQUEST_TIMEOUT, "Request timeout")),
+        Err(_) => return Err(Refusal::Timeout.answer()),
     };
     command::parse_object(&body).map_err(invalid)
 }
