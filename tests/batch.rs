@@ -9,26 +9,11 @@ mod common;
 use std::time::Duration;
 
 use common::http::{open_stream_with, request};
-use common::{Backend, End, Gateway, Item, Reply, Response, SseStream, SOON};
+use common::{Backend, End, Gateway, Item, Reply, SseStream, SOON};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 
 const QUIET: Duration = Duration::from_millis(300);
-
-async fn post_raw(gw: &Gateway, path: &str, body: &[u8]) -> Response {
-    request(
-        gw.control_addr(),
-        "POST",
-        path,
-        &[("Content-Type", b"application/json")],
-        Some(body),
-    )
-    .await
-}
-
-async fn post(gw: &Gateway, path: &str, body: &Value) -> Response {
-    post_raw(gw, path, &serde_json::to_vec(body).unwrap()).await
-}
 
 /// Posts a batch of `items` and returns its results, after checking the 200 and their count.
 #[track_caller]
@@ -38,7 +23,9 @@ fn batch<'a>(
 ) -> impl std::future::Future<Output = Vec<Value>> + 'a {
     let caller = std::panic::Location::caller();
     async move {
-        let r = post(gw, "/internal/batch", &json!({ "requests": items })).await;
+        let r = gw
+            .post("/internal/batch", &json!({ "requests": items }))
+            .await;
         assert_eq!(r.status(), 200, "{caller}: {}", r.text());
         assert_eq!(
             r.header("content-type").as_deref(),
@@ -293,7 +280,7 @@ async fn invalid_items_answer_as_their_own_requests_and_the_rest_run() {
     }
     let results = batch(&gw, &items).await;
     for (k, (item, route, body)) in cases.iter().enumerate() {
-        let single = post(&gw, &format!("/internal/{route}"), body).await;
+        let single = gw.post(&format!("/internal/{route}"), body).await;
         assert_eq!(single.status(), 400, "{route} {body}: {}", single.text());
         assert_eq!(
             results[1 + 2 * k],
@@ -356,7 +343,9 @@ async fn the_item_limit_holds_at_the_default_bound_and_one_past_applies_nothing(
     assert_eq!(data_of_next(&mut a, 1000).await, want);
 
     let items: Vec<Value> = (0..1001).map(|i| send(&ta, &format!("x{i}"))).collect();
-    let r = post(&gw, "/internal/batch", &json!({ "requests": items })).await;
+    let r = gw
+        .post("/internal/batch", &json!({ "requests": items }))
+        .await;
     r.assert_json(
         400,
         json!({"error": "Invalid request: a batch may hold at most 1000 requests (MAX_BATCH_ITEMS); nothing was applied"}),
@@ -379,7 +368,7 @@ async fn max_batch_items_sets_the_limit() {
 
     let four =
         json!({"requests": [send(&ta, "4"), send(&ta, "5"), send(&ta, "6"), send(&ta, "7")]});
-    let r = post(&gw, "/internal/batch", &four).await;
+    let r = gw.post("/internal/batch", &four).await;
     assert_eq!(r.status(), 400);
     let message = r.json()["error"].as_str().unwrap().to_owned();
     assert!(
@@ -422,7 +411,7 @@ async fn a_body_of_another_shape_is_400_and_applies_nothing() {
         ),
     ];
     for (body, want) in cases {
-        let r = post_raw(&gw, "/internal/batch", &body).await;
+        let r = gw.post_raw("/internal/batch", &body).await;
         assert_eq!(
             (r.status(), r.json()),
             (400, want.clone()),
@@ -449,11 +438,15 @@ async fn a_body_over_max_send_bytes_is_413_and_applies_nothing() {
         body.resize(len, b' ');
         body
     };
-    let r = post_raw(&gw, "/internal/batch", &body_of(2000, "at the bound")).await;
+    let r = gw
+        .post_raw("/internal/batch", &body_of(2000, "at the bound"))
+        .await;
     r.assert_json(200, json!({"results": [ok()]}));
     assert_eq!(a.next_event(SOON).await.data, "at the bound");
 
-    let r = post_raw(&gw, "/internal/batch", &body_of(2001, "one past")).await;
+    let r = gw
+        .post_raw("/internal/batch", &body_of(2001, "one past"))
+        .await;
     r.assert_json(413, json!({"error": "Payload too large"}));
     no_event_within(&mut a, QUIET).await;
 }

@@ -225,7 +225,7 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 
 async fn subscribe(gw: &Gateway, token: &str, channels: &[String]) -> http::Response {
     let body = json!({"token": token, "channels": channels});
-    http::post_json(gw.control_addr(), "/internal/subscribe", &body).await
+    gw.post("/internal/subscribe", &body).await
 }
 
 const LIMIT_MESSAGE: &str = "Invalid request: a stream may be in at most 1024 channels (MAX_CHANNELS_PER_STREAM); nothing was changed";
@@ -261,12 +261,12 @@ async fn a_stream_holds_at_most_max_channels_and_a_refused_subscribe_changes_not
         1024.0
     );
     let publish = json!({"channel": "b.0", "event": {"data": "x"}});
-    http::post_json(gw.control_addr(), "/internal/publish", &publish)
+    gw.post("/internal/publish", &publish)
         .await
         .assert_json(200, json!({"status": "ok", "delivered": 0}));
     // Leaving one makes room for one.
     let leave = json!({"token": token, "channels": ["a.0"]});
-    http::post_json(gw.control_addr(), "/internal/unsubscribe", &leave)
+    gw.post("/internal/unsubscribe", &leave)
         .await
         .assert_json(200, json!({"status": "ok"}));
     subscribe(&gw, &token, &["b.0".to_string()])

@@ -13,24 +13,9 @@ use tokio::net::TcpSocket;
 
 const QUIET: Duration = Duration::from_millis(300);
 
-async fn post(gw: &Gateway, path: &str, body: &Value) -> Response {
-    post_raw(gw, path, &serde_json::to_vec(body).unwrap()).await
-}
-
-async fn post_raw(gw: &Gateway, path: &str, body: &[u8]) -> Response {
-    request(
-        gw.control_addr(),
-        "POST",
-        path,
-        &[("Content-Type", b"application/json")],
-        Some(body),
-    )
-    .await
-}
-
 /// Publishes and returns `delivered` from the 200 answer.
 async fn publish(gw: &Gateway, body: Value) -> u64 {
-    let r = post(gw, "/internal/publish", &body).await;
+    let r = gw.post("/internal/publish", &body).await;
     assert_eq!(r.status(), 200, "publish {body}: {}", r.text());
     let answer = r.json();
     assert_eq!(answer["status"], "ok", "{answer}");
@@ -157,16 +142,15 @@ async fn subscribe_and_unsubscribe_change_a_live_streams_channels() {
     let (mut stream, token) = gw.open(&mut backend, "/live").await;
     let ok = json!({"status": "ok"});
 
-    let r = post(
-        &gw,
-        "/internal/subscribe",
-        &json!({"token": token, "channels": ["a", "b"]}),
-    )
-    .await;
+    let r = gw
+        .post(
+            "/internal/subscribe",
+            &json!({"token": token, "channels": ["a", "b"]}),
+        )
+        .await;
     r.assert_json(200, ok.clone());
     // Joining twice is not an error.
-    post(
-        &gw,
+    gw.post(
         "/internal/subscribe",
         &json!({"token": token, "channels": ["a"]}),
     )
@@ -178,8 +162,7 @@ async fn subscribe_and_unsubscribe_change_a_live_streams_channels() {
     );
     assert_eq!(stream.next_event(SOON).await.data, "via a");
 
-    post(
-        &gw,
+    gw.post(
         "/internal/unsubscribe",
         &json!({"token": token, "channels": ["a", "never"]}),
     )
@@ -196,12 +179,12 @@ async fn subscribe_and_unsubscribe_change_a_live_streams_channels() {
     assert_eq!(stream.next_event(SOON).await.data, "via b");
 
     // One bad name refuses the whole request and changes nothing.
-    let bad = post(
-        &gw,
-        "/internal/subscribe",
-        &json!({"token": token, "channels": ["c", "bad name"]}),
-    )
-    .await;
+    let bad = gw
+        .post(
+            "/internal/subscribe",
+            &json!({"token": token, "channels": ["c", "bad name"]}),
+        )
+        .await;
     assert_eq!(bad.status(), 400, "{}", bad.text());
     assert!(bad.json()["error"].as_str().unwrap().contains("channels"));
     assert_eq!(
@@ -211,25 +194,27 @@ async fn subscribe_and_unsubscribe_change_a_live_streams_channels() {
 
     // Names are checked before the token: an unknown token with a bad name is a 400, not a 404.
     let unknown = "00000000-0000-4000-8000-000000000000";
-    let r = post(
-        &gw,
-        "/internal/subscribe",
-        &json!({"token": unknown, "channels": [5]}),
-    )
-    .await;
+    let r = gw
+        .post(
+            "/internal/subscribe",
+            &json!({"token": unknown, "channels": [5]}),
+        )
+        .await;
     assert_eq!(r.status(), 400);
     for path in ["/internal/subscribe", "/internal/unsubscribe"] {
-        post(&gw, path, &json!({"token": unknown, "channels": ["a"]}))
+        gw.post(path, &json!({"token": unknown, "channels": ["a"]}))
             .await
             .assert_json(404, json!({"error": "Token not found"}));
-        post(&gw, path, &json!({"channels": ["a"]}))
+        gw.post(path, &json!({"channels": ["a"]}))
             .await
             .assert_json(400, invalid("token is required and must be a string"));
         for channels in [json!("a"), json!(null), json!([""]), json!(["a b"])] {
-            let r = post(&gw, path, &json!({"token": token, "channels": channels})).await;
+            let r = gw
+                .post(path, &json!({"token": token, "channels": channels}))
+                .await;
             assert_eq!(r.status(), 400, "{path} {channels}: {}", r.text());
         }
-        post_raw(&gw, path, b"[]")
+        gw.post_raw(path, b"[]")
             .await
             .assert_json(400, invalid("body must be a JSON object"));
     }
@@ -261,40 +246,38 @@ async fn publish_validation_comes_in_order_and_before_any_lookup() {
         // The channel check comes before the event's.
         json!({"event": {"data": 5}}),
     ] {
-        target_message(&post(&gw, "/internal/publish", &body).await);
+        target_message(&gw.post("/internal/publish", &body).await);
     }
     let p = "/internal/publish";
-    post(&gw, p, &json!({"channel": "a", "event": []}))
+    gw.post(p, &json!({"channel": "a", "event": []}))
         .await
         .assert_json(400, invalid("event must be an object"));
-    post(&gw, p, &json!({"channel": "a", "event": {"data": 1}}))
+    gw.post(p, &json!({"channel": "a", "event": {"data": 1}}))
         .await
         .assert_json(400, invalid("event.data is required and must be a string"));
-    post(
-        &gw,
+    gw.post(
         p,
         &json!({"channel": "a", "event": {"data": "x", "name": "a\nb"}}),
     )
     .await
     .assert_json(400, invalid("event.name must not contain CR or LF"));
-    post(
-        &gw,
+    gw.post(
         p,
         &json!({"channel": "a", "event": {"data": "x"}, "close": "yes"}),
     )
     .await
     .assert_json(400, invalid("close must be a boolean"));
-    post(&gw, p, &json!({"channel": "a"}))
+    gw.post(p, &json!({"channel": "a"}))
         .await
         .assert_json(400, invalid("event or close: true is required"));
-    post(&gw, p, &json!({"channel": "a", "close": false}))
+    gw.post(p, &json!({"channel": "a", "close": false}))
         .await
         .assert_json(400, invalid("event or close: true is required"));
-    post_raw(&gw, p, b"not json")
+    gw.post_raw(p, b"not json")
         .await
         .assert_json(400, invalid("body must be a JSON object"));
     let big = json!({"channel": "a", "event": {"data": "x".repeat(2000)}});
-    post(&gw, p, &big)
+    gw.post(p, &big)
         .await
         .assert_json(413, json!({"error": "Payload too large"}));
     // A valid close-only publish to an empty channel is fine.
@@ -467,8 +450,7 @@ async fn a_disconnect_leaves_every_channel_and_empty_channels_disappear() {
     let gw = Gateway::start(&backend).await;
     let mut streams = open_in(&gw, &mut backend, &["a", "b", "c"], 2).await;
     let (_, token) = &streams[0];
-    post(
-        &gw,
+    gw.post(
         "/internal/subscribe",
         &json!({"token": token, "channels": ["d"]}),
     )
@@ -521,7 +503,7 @@ async fn membership_churn_leaves_nothing_behind() {
             for token in &tokens {
                 for chunk in names.chunks(1000) {
                     let body = json!({"token": token, "channels": chunk});
-                    post(gw, "/internal/subscribe", &body)
+                    gw.post("/internal/subscribe", &body)
                         .await
                         .assert_json(200, json!({"status": "ok"}));
                 }
@@ -531,7 +513,7 @@ async fn membership_churn_leaves_nothing_behind() {
             for token in &tokens {
                 for chunk in names.chunks(1000) {
                     let body = json!({"token": token, "channels": chunk});
-                    post(gw, "/internal/unsubscribe", &body)
+                    gw.post("/internal/unsubscribe", &body)
                         .await
                         .assert_json(200, json!({"status": "ok"}));
                 }

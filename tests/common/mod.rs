@@ -199,24 +199,27 @@ impl Gateway {
 
     /// `POST /internal/send` with `body` (and the bearer secret, when one is configured).
     pub async fn send(&self, body: &Value) -> Response {
-        let bytes = serde_json::to_vec(body).unwrap();
-        self.send_raw(&bytes).await
+        self.post("/internal/send", body).await
     }
 
     pub async fn send_raw(&self, bytes: &[u8]) -> Response {
+        self.post_raw("/internal/send", bytes).await
+    }
+
+    /// `POST path` with a JSON body on the control listener (and the bearer secret, when one is
+    /// configured).
+    pub async fn post(&self, path: &str, body: &Value) -> Response {
+        self.post_raw(path, &serde_json::to_vec(body).unwrap())
+            .await
+    }
+
+    pub async fn post_raw(&self, path: &str, bytes: &[u8]) -> Response {
         let auth = self.secret.as_ref().map(|s| format!("Bearer {s}"));
         let mut headers: Vec<(&str, &[u8])> = vec![("Content-Type", b"application/json")];
         if let Some(a) = &auth {
             headers.push(("Authorization", a.as_bytes()));
         }
-        http::request(
-            self.control_addr(),
-            "POST",
-            "/internal/send",
-            &headers,
-            Some(bytes),
-        )
-        .await
+        http::request(self.control_addr(), "POST", path, &headers, Some(bytes)).await
     }
 
     /// Sends one event and asserts the 200 answer.
