@@ -48,7 +48,7 @@ fn nodes_key() -> String {
     format!("{PREFIX}nodes")
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -451,6 +451,18 @@ async fn handle(
             if instance == cluster.instance {
                 cluster.replied(id, code, value);
             }
+        }
+        Some(Message::Request { origin, .. } | Message::Publish { origin, .. })
+            if origin.expires_ms < now_ms() =>
+        {
+            // Its asker answered 503/504 already (Redis stalled, or this node was too busy):
+            // carrying it out now would make that answer a lie.
+            log!(
+                Level::Debug,
+                "cluster: dropped a request from node {} that expired {} ms ago",
+                origin.node,
+                now_ms() - origin.expires_ms
+            );
         }
         Some(Message::Request {
             origin,
