@@ -103,11 +103,9 @@ impl Interest {
 impl Cluster {
     /// Makes sure this node listens to each of `names` before returning, so a publish through any
     /// node after this reaches the stream that just joined them. While Redis is down it returns at
-    /// once: the rejoin listens to every channel with a local member.
+    /// once: the next join listens to every channel with a local member. (Queued even then: a change
+    /// made while a join is under way, after its snapshot of the channels, is applied after it.)
     pub async fn watch<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        if !self.is_up() {
-            return;
-        }
         let mut missing: Vec<Arc<str>> = Vec::new();
         {
             let mut listening = self.interest.listening.lock();
