@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::message::{self, Code, Message, Origin};
-use super::{channel_key, node_channel, Cluster, PREFIX};
+use super::{Cluster, Keys};
 use crate::gateway::Gateway;
 use crate::{log, log::Level};
 
@@ -44,29 +44,36 @@ const RETRY_MAX: Duration = Duration::from_millis(500);
 /// Multi-channel publishes remembered to deliver each once, though it arrives once per channel.
 const RECENT_PUBLISHES: usize = 4096;
 
-fn nodes_key() -> String {
-    format!("{PREFIX}nodes")
-}
-
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Node numbers that live nodes hold now (members of the live set are `<node>:<instance>`).
-pub(super) async fn live_nodes(client: &redis::Client) -> redis::RedisResult<Vec<u8>> {
+/// Takes the first node number from `start` on that no node holds, atomically (`SET NX`), so nodes
+/// that start together never pick the same one. `None`: all 256 are held.
+pub(super) async fn claim_number(
+    client: &redis::Client,
+    keys: &Keys,
+    instance: u64,
+    start: u8,
+) -> redis::RedisResult<Option<u8>> {
     let mut connection = client.get_multiplexed_async_connection().await?;
-    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(nodes_key())
-        .arg(now_ms())
-        .arg("+inf")
-        .query_async(&mut connection)
-        .await?;
-    Ok(members
-        .iter()
-        .filter_map(|member| member.split(':').next()?.parse().ok())
-        .collect())
+    for offset in 0..=255u8 {
+        let node = start.wrapping_add(offset);
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(keys.claim(node))
+            .arg(format!("{instance:016x}"))
+            .arg("NX")
+            .arg("PX")
+            .arg(NODE_TTL_MS)
+            .query_async(&mut connection)
+            .await?;
+        if taken.is_some() {
+            return Ok(Some(node));
+        }
+    }
+    Ok(None)
 }
 
 enum Change {
@@ -202,8 +209,19 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
         .client
         .get_multiplexed_async_connection_with_config(&config);
     let mut connection = within("connect", ANSWER_WITHIN, connect).await?;
-    let own = node_channel(cluster.node);
+    let own = cluster.keys.node_channel(cluster.node);
     within("subscribe", ANSWER_WITHIN, connection.subscribe(own)).await?;
+    // Named in the live set, so that the others can close this connection (and with it this
+    // node's subscriptions) if this node ever stops answering without closing it.
+    let client_id: u64 = within(
+        "client id",
+        ANSWER_WITHIN,
+        redis::cmd("CLIENT").arg("ID").query_async(&mut connection),
+    )
+    .await?;
+    cluster
+        .client_id
+        .store(client_id, std::sync::atomic::Ordering::Relaxed);
     let gateway = gateway.upgrade().ok_or("the gateway is gone")?;
     // Interest is rebuilt from what is local now; changes queued meanwhile follow it in order.
     let names = gateway.channels.names();
@@ -213,7 +231,7 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
     within(
         "restoring channel interest",
         limit,
-        subscribe_all(&connection, &names, true),
+        subscribe_all(&cluster.keys, &connection, &names, true),
     )
     .await?;
     heartbeat(cluster, &mut connection).await?;
@@ -231,13 +249,14 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
 
 /// (Un)subscribes `names`, `SUBSCRIBE_BATCH` a command, all commands in flight at once.
 async fn subscribe_all(
+    keys: &Keys,
     connection: &MultiplexedConnection,
     names: &[Arc<str>],
     subscribe: bool,
 ) -> redis::RedisResult<()> {
     let mut commands = JoinSet::new();
     for chunk in names.chunks(SUBSCRIBE_BATCH) {
-        let keys: Vec<String> = chunk.iter().map(|name| channel_key(name)).collect();
+        let keys: Vec<String> = chunk.iter().map(|name| keys.channel(name)).collect();
         let mut connection = connection.clone();
         commands.spawn(async move {
             if subscribe {
@@ -253,33 +272,87 @@ async fn subscribe_all(
     Ok(())
 }
 
-/// Registers this node in the live set and reads how many nodes it holds; the link's liveness
-/// probe too.
+/// Registers this node in the live set (and renews its number's claim), reads the set, and counts
+/// out the nodes whose registration ran out: their Redis connections are closed (`CLIENT KILL`), so
+/// a node that went silent without closing its connection (power loss, a frozen process) stops
+/// counting as a listener, and its tokens are 404 from then on instead of timeouts. Also the
+/// link's liveness probe.
 async fn heartbeat(
     cluster: &Cluster,
     connection: &mut MultiplexedConnection,
 ) -> Result<(), String> {
     let now = now_ms();
-    let member = format!("{}:{:016x}", cluster.node, cluster.instance);
+    let member = format!(
+        "{}:{:016x}:{}",
+        cluster.node,
+        cluster.instance,
+        cluster.client_id.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let nodes = cluster.keys.nodes();
     let mut pipeline = redis::pipe();
     pipeline
+        .cmd("SET")
+        .arg(cluster.keys.claim(cluster.node))
+        .arg(format!("{:016x}", cluster.instance))
+        .arg("PX")
+        .arg(NODE_TTL_MS)
+        .ignore()
         .cmd("ZADD")
-        .arg(nodes_key())
+        .arg(&nodes)
         .arg(now + NODE_TTL_MS)
         .arg(member)
         .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(nodes_key())
+        .cmd("ZRANGEBYSCORE")
+        .arg(&nodes)
         .arg("-inf")
         .arg(now)
-        .ignore()
-        .cmd("ZCARD")
-        .arg(nodes_key());
-    let (nodes,): (usize,) =
+        .cmd("ZRANGEBYSCORE")
+        .arg(&nodes)
+        .arg(format!("({now}"))
+        .arg("+inf");
+    let (expired, live): (Vec<String>, Vec<String>) =
         within("heartbeat", ANSWER_WITHIN, pipeline.query_async(connection)).await?;
+    if !expired.is_empty() {
+        let mut pipeline = redis::pipe();
+        for member in &expired {
+            pipeline.cmd("ZREM").arg(&nodes).arg(member).ignore();
+            if let Some(client_id) = member.rsplit(':').next() {
+                // Fails harmlessly when the connection is gone already or another node was first.
+                pipeline
+                    .cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(client_id)
+                    .ignore();
+            }
+        }
+        let counted_out: redis::RedisResult<()> = pipeline.query_async(connection).await;
+        log!(
+            Level::Warn,
+            "cluster: counted out {} silent node(s) {expired:?}: {}",
+            expired.len(),
+            counted_out.map_or_else(|err| err.to_string(), |()| "done".into())
+        );
+    }
+    let own = cluster.node.to_string();
+    let instance = format!("{:016x}", cluster.instance);
+    let shared = live.iter().any(|member| {
+        let mut parts = member.split(':');
+        parts.next() == Some(own.as_str()) && parts.next() != Some(instance.as_str())
+    });
+    let was_shared = cluster
+        .shared
+        .swap(shared, std::sync::atomic::Ordering::Relaxed);
+    if shared && !was_shared {
+        log!(
+            Level::Warn,
+            "cluster: node number {} is also another live node's (both chose it while Redis was unreachable): its tokens still reach their streams, at one Redis round trip more for a token not held here",
+            cluster.node
+        );
+    }
     cluster
         .nodes
-        .store(nodes, std::sync::atomic::Ordering::Relaxed);
+        .store(live.len(), std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -355,7 +428,7 @@ async fn apply_changes(
                 within(
                     "subscribe",
                     ANSWER_WITHIN,
-                    subscribe_all(connection, &names, true),
+                    subscribe_all(&cluster.keys, connection, &names, true),
                 )
                 .await?;
                 {
@@ -389,7 +462,7 @@ async fn apply_changes(
                     within(
                         "unsubscribe",
                         ANSWER_WITHIN,
-                        subscribe_all(connection, &names, false),
+                        subscribe_all(&cluster.keys, connection, &names, false),
                     )
                     .await?;
                 }
@@ -513,7 +586,9 @@ fn reply(
     }
     let body = message::reply(origin.instance, origin.id, code, value);
     let mut publish = redis::cmd("PUBLISH");
-    publish.arg(node_channel(origin.node)).arg(&body[..]);
+    publish
+        .arg(cluster.keys.node_channel(origin.node))
+        .arg(&body[..]);
     let mut connection = connection.clone();
     tokio::spawn(async move {
         let sent: redis::RedisResult<usize> = publish.query_async(&mut connection).await;
