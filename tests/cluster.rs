@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use common::cluster::{
     drain, expect_no_event, not_found, parse_seq, publish, publish_ok, ready_body, readyz,
-    seq_data, Cluster, Sender, FORWARDED, NODES, REDIS_UP,
+    seq_data, wait_joined, Cluster, Sender, FORWARDED, NODES, REDIS_UP,
 };
 use common::http::open_stream_with;
-use common::{Backend, End, Gateway, Item, Reply, Response, SOON};
+use common::redis::Resp;
+use common::{Backend, End, Gateway, Item, Redis, Reply, Response, SOON};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 use tokio::time::Instant;
@@ -715,4 +716,176 @@ async fn without_redis_url_a_single_node_has_no_cluster_metrics() {
             .json(),
         json!({"status": "ok", "delivered": 0})
     );
+}
+
+/// The Redis channels whose name contains `part`, with their subscriber counts (one per node
+/// that listens).
+async fn listeners(redis: &Redis, part: &str) -> Vec<(String, i64)> {
+    let pattern = format!("*{part}*");
+    let Resp::Array(Some(names)) = redis.query(&["PUBSUB", "CHANNELS", &pattern]).await else {
+        panic!("PUBSUB CHANNELS answered no array");
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let Resp::Bulk(Some(name)) = name else {
+            panic!("a channel name: {name:?}")
+        };
+        let reply = redis.query(&["PUBSUB", "NUMSUB", &name]).await;
+        let Resp::Array(Some(pair)) = &reply else {
+            panic!("NUMSUB: {reply:?}")
+        };
+        let Resp::Int(n) = pair[1] else {
+            panic!("NUMSUB: {reply:?}")
+        };
+        if n > 0 {
+            out.push((name, n));
+        }
+    }
+    out
+}
+
+/// Polls [`listeners`] until the channel carrying `part` has `n` subscribers (0: no channel).
+async fn wait_listeners(redis: &Redis, part: &str, n: i64) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let now = listeners(redis, part).await;
+        let count = match now.as_slice() {
+            [] => 0,
+            [(_, count)] => *count,
+            more => panic!("one Redis channel per gateway channel, got {more:?}"),
+        };
+        if count == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the channel {part} has {now:?} listening nodes in Redis, want {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// §10: traffic follows interest. A node listens to a channel's publishes (one Redis
+/// subscription per node, not per stream) only while it holds a member of the channel.
+#[tokio::test]
+async fn a_node_listens_to_a_channel_only_while_it_holds_a_member() {
+    let mut cl = three().await;
+    assert_eq!(listeners(&cl.redis, "probe-room").await, []);
+    let (mut on_c, _) = cl.open_in(C, "/c/probe", &["probe-room"]).await;
+    wait_listeners(&cl.redis, "probe-room", 1).await;
+    let (on_a1, ta1) = cl.open_in(A, "/a/probe1", &["probe-room"]).await;
+    let (_on_a2, ta2) = cl.open_in(A, "/a/probe2", &[]).await;
+    cl.nodes[B]
+        .post(
+            "/internal/subscribe",
+            &json!({"token": ta2, "channels": ["probe-room"]}),
+        )
+        .await
+        .assert_json(200, json!({"status": "ok"}));
+    wait_listeners(&cl.redis, "probe-room", 2).await;
+    assert_eq!(
+        publish_ok(
+            &cl.nodes[B],
+            &json!({"channel": "probe-room", "event": {"data": "x"}})
+        )
+        .await,
+        3
+    );
+    assert_eq!(on_c.next_event(SOON).await.data, "x");
+
+    // One of A's members leaves: A still listens. The other leaves too: A stops.
+    on_a1.reset();
+    cl.backend.next_disconnect(&ta1, "client_closed").await;
+    wait_listeners(&cl.redis, "probe-room", 2).await;
+    cl.nodes[C]
+        .post(
+            "/internal/unsubscribe",
+            &json!({"token": ta2, "channels": ["probe-room"]}),
+        )
+        .await
+        .assert_json(200, json!({"status": "ok"}));
+    wait_listeners(&cl.redis, "probe-room", 1).await;
+    assert_eq!(
+        publish_ok(
+            &cl.nodes[A],
+            &json!({"channel": "probe-room", "event": {"data": "y"}})
+        )
+        .await,
+        1
+    );
+    assert_eq!(on_c.next_event(SOON).await.data, "y");
+    on_c.reset();
+    wait_listeners(&cl.redis, "probe-room", 0).await;
+    assert_eq!(
+        publish_ok(
+            &cl.nodes[A],
+            &json!({"channel": "probe-room", "event": {"data": "z"}})
+        )
+        .await,
+        0
+    );
+}
+
+/// §10.1: "point several deployments at different Redis databases (`redis://host:port/<db>`) to
+/// keep them apart". Two deployments of two nodes each on one Redis, databases 1 and 2, with a
+/// channel name in common: neither sees the other's nodes, streams, publishes or tokens.
+#[tokio::test]
+async fn two_deployments_on_one_redis_in_different_databases_stay_apart() {
+    let redis = Redis::start().await;
+    let mut backends = [Backend::start().await, Backend::start().await];
+    let mut deployments: Vec<Vec<Gateway>> = Vec::new();
+    for (d, db) in [(0, 1), (1, 2)] {
+        let mut nodes = Vec::new();
+        for _ in 0..2 {
+            nodes.push(
+                Gateway::builder()
+                    .callback(&backends[d])
+                    .env("REDIS_URL", format!("{}/{db}", redis.url()))
+                    .spawn()
+                    .await,
+            );
+        }
+        deployments.push(nodes);
+    }
+    for nodes in &deployments {
+        wait_joined(nodes, 2, SOON).await;
+    }
+    let mut streams = Vec::new();
+    for (d, backend) in backends.iter_mut().enumerate() {
+        backend.on_connect(Reply::ok().body(json!({"channels": ["shared"]}).to_string()));
+        streams.push(deployments[d][0].open(backend, "/shared").await);
+    }
+
+    for d in [0, 1] {
+        let other = 1 - d;
+        let via = &deployments[d][1];
+        assert_eq!(
+            publish_ok(
+                via,
+                &json!({"channel": "shared", "event": {"data": format!("to {d}")}})
+            )
+            .await,
+            1,
+            "a publish in deployment {d} counts only its own stream"
+        );
+        via.send_ok(&json!({"token": streams[d].1, "event": {"data": format!("send {d}")}}))
+            .await;
+        via.send(&json!({"token": streams[other].1, "event": {"data": "foreign"}}))
+            .await
+            .assert_json(404, not_found());
+        let (got, _) = drain(&mut streams[d].0, QUIET).await;
+        assert_eq!(
+            got,
+            [format!("to {d}"), format!("send {d}")],
+            "deployment {d}"
+        );
+    }
+    for d in [0, 1] {
+        expect_no_event(&mut streams[d].0, QUIET).await;
+    }
+    for nodes in &deployments {
+        for gw in nodes {
+            assert_eq!(gw.metrics().await.get(NODES, &[]), Some(2.0));
+        }
+    }
 }

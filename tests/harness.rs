@@ -338,3 +338,23 @@ async fn redis_helper_starts_pauses_kills_and_restarts_on_the_same_port() {
     assert!(redis.ping(Duration::from_secs(2)).await);
     assert_eq!(redis.command(&["GET", "k"]).await, "$-1", "no persistence");
 }
+
+#[tokio::test]
+async fn redis_helper_reads_whole_resp_replies() {
+    use common::redis::Resp;
+    let redis = Redis::start().await;
+    assert_eq!(redis.command(&["RPUSH", "l", "a", "", "c"]).await, ":3");
+    assert_eq!(
+        redis.query(&["LRANGE", "l", "0", "-1"]).await,
+        Resp::Array(Some(vec![
+            Resp::Bulk(Some("a".into())),
+            Resp::Bulk(Some(String::new())),
+            Resp::Bulk(Some("c".into())),
+        ]))
+    );
+    assert_eq!(
+        redis.query(&["PUBSUB", "NUMSUB", "nobody"]).await,
+        Resp::Array(Some(vec![Resp::Bulk(Some("nobody".into())), Resp::Int(0)]))
+    );
+    assert!(redis.command(&["NOSUCHCOMMAND"]).await.starts_with("-ERR"));
+}

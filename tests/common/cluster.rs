@@ -51,32 +51,7 @@ impl Cluster {
     /// Waits until every running node answers `/readyz` 200 `{..., "redis": true}` and counts
     /// `n` nodes in `sse_gateway_cluster_nodes`.
     pub async fn wait_joined(&self, n: usize, within: Duration) {
-        let deadline = Instant::now() + within;
-        for (i, gw) in self.nodes.iter().enumerate() {
-            loop {
-                let ready = readyz(gw).await;
-                let m = gw.metrics().await;
-                if ready.status() == 200 && m.get(NODES, &[]) == Some(n as f64) {
-                    ready.assert_json(200, ready_body());
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let cluster_lines: Vec<&str> = m
-                        .text
-                        .lines()
-                        .filter(|l| l.contains("cluster") || l.contains("redis"))
-                        .collect();
-                    panic!(
-                        "node {i} ({}) did not join a cluster of {n} within {within:?}: /readyz {} {}; \
-                         cluster metrics {cluster_lines:#?}",
-                        gw.addr,
-                        ready.status(),
-                        ready.text()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        wait_joined(&self.nodes, n, within).await;
     }
 
     /// Sets the backend's connect answer to put new streams in `channels`.
@@ -103,6 +78,39 @@ impl Cluster {
             total += gw.metrics().await.value(FORWARDED, &[("kind", kind)]);
         }
         total
+    }
+}
+
+/// Waits until each of `nodes` answers `/readyz` 200 `{..., "redis": true}` and counts `n` nodes
+/// in `sse_gateway_cluster_nodes`.
+pub async fn wait_joined(nodes: &[Gateway], n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    for (i, gw) in nodes.iter().enumerate() {
+        loop {
+            let ready = readyz(gw).await;
+            let m = gw.metrics().await;
+            if ready.status() == 200 && m.get(NODES, &[]) == Some(n as f64) {
+                ready.assert_json(200, ready_body());
+                break;
+            }
+            if Instant::now() > deadline {
+                let cluster_lines: Vec<&str> = m
+                    .text
+                    .lines()
+                    .filter(|l| {
+                        !l.starts_with('#') && (l.contains("cluster") || l.contains("redis"))
+                    })
+                    .collect();
+                panic!(
+                    "node {i} ({}) did not join a cluster of {n} within {within:?}: /readyz {} {}; \
+                     cluster metrics {cluster_lines:#?}",
+                    gw.addr,
+                    ready.status(),
+                    ready.text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

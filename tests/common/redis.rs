@@ -112,13 +112,18 @@ impl Redis {
     pub async fn ping(&self, within: Duration) -> bool {
         matches!(
             timeout(within, command(self.addr, &["PING"])).await,
-            Ok(Ok(reply)) if reply == "+PONG"
+            Ok(Ok(Resp::Simple(pong))) if pong == "PONG"
         )
     }
 
-    /// Sends one command and returns the first line of the reply (`+OK`, `:3`, `$5`, `*2`, ...),
-    /// or the whole bulk string for a `$` reply.
+    /// Sends one command and returns its reply in [`Resp::short`] form (`+OK`, `:3`, the bulk
+    /// string, `*2`, ...).
     pub async fn command(&self, args: &[&str]) -> String {
+        self.query(args).await.short()
+    }
+
+    /// Sends one command on a fresh connection and returns the whole reply.
+    pub async fn query(&self, args: &[&str]) -> Resp {
         timeout(Duration::from_secs(5), command(self.addr, args))
             .await
             .unwrap_or_else(|_| panic!("redis {args:?}: no reply within 5 s"))
@@ -191,9 +196,84 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// One RESP command on a fresh connection; returns the reply's first line, or the bulk string
-/// of a `$` reply.
-async fn command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    /// `None`: the null bulk string.
+    Bulk(Option<String>),
+    /// `None`: the null array.
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The short form tests compare with: `+OK`, `-ERR ...`, `:3`, the bulk string itself (or
+    /// `$-1`), `*<n>` (or `*-1`).
+    pub fn short(&self) -> String {
+        match self {
+            Resp::Simple(s) => format!("+{s}"),
+            Resp::Error(s) => format!("-{s}"),
+            Resp::Int(n) => format!(":{n}"),
+            Resp::Bulk(Some(s)) => s.clone(),
+            Resp::Bulk(None) => "$-1".to_owned(),
+            Resp::Array(Some(items)) => format!("*{}", items.len()),
+            Resp::Array(None) => "*-1".to_owned(),
+        }
+    }
+}
+
+/// Parses one reply at the start of `buf`: `Ok(None)` while incomplete, else the reply and the
+/// bytes it took.
+fn parse_reply(buf: &[u8]) -> std::io::Result<Option<(Resp, usize)>> {
+    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let rest = line.get(1..).unwrap_or("");
+    let after = end + 2;
+    let number = || rest.parse::<i64>().map_err(|_| bad(&line));
+    Ok(Some(match line.as_bytes().first() {
+        Some(b'+') => (Resp::Simple(rest.to_owned()), after),
+        Some(b'-') => (Resp::Error(rest.to_owned()), after),
+        Some(b':') => (Resp::Int(number()?), after),
+        Some(b'$') => {
+            let len = number()?;
+            if len < 0 {
+                (Resp::Bulk(None), after)
+            } else {
+                let stop = after + len as usize;
+                if buf.len() < stop + 2 {
+                    return Ok(None);
+                }
+                let text = String::from_utf8_lossy(&buf[after..stop]).into_owned();
+                (Resp::Bulk(Some(text)), stop + 2)
+            }
+        }
+        Some(b'*') => {
+            let n = number()?;
+            if n < 0 {
+                (Resp::Array(None), after)
+            } else {
+                let mut items = Vec::with_capacity(n as usize);
+                let mut at = after;
+                for _ in 0..n {
+                    let Some((item, used)) = parse_reply(&buf[at..])? else {
+                        return Ok(None);
+                    };
+                    items.push(item);
+                    at += used;
+                }
+                (Resp::Array(Some(items)), at)
+            }
+        }
+        _ => return Err(bad(&line)),
+    }))
+}
+
+/// One RESP command on a fresh connection; returns the whole reply.
+async fn command(addr: SocketAddr, args: &[&str]) -> std::io::Result<Resp> {
     let mut sock = TcpStream::connect(addr).await?;
     let mut req = format!("*{}\r\n", args.len()).into_bytes();
     for a in args {
@@ -203,20 +283,8 @@ async fn command(addr: SocketAddr, args: &[&str]) -> std::io::Result<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
-            let first = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let Some(len) = first.strip_prefix('$') else {
-                return Ok(first);
-            };
-            let len: i64 = len.parse().map_err(|_| bad(&first))?;
-            if len < 0 {
-                return Ok(first);
-            }
-            let start = end + 2;
-            let stop = start + len as usize;
-            if buf.len() >= stop {
-                return Ok(String::from_utf8_lossy(&buf[start..stop]).into_owned());
-            }
+        if let Some((reply, _)) = parse_reply(&buf)? {
+            return Ok(reply);
         }
         let n = sock.read(&mut chunk).await?;
         if n == 0 {
