@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use common::cluster::{
     counts, drain, expect_no_event, not_found, not_ready_body, publish, publish_ok, ready_body,
-    readyz, seq_data, unavailable, Cluster, NODES, REDIS_UP,
+    readyz, seq_data, unavailable, wait_readyz, Cluster, NODES, REDIS_UP,
 };
-use common::{End, GatewayBuilder, NoItem, SOON};
+use common::{End, GatewayBuilder, NoItem, Redis, SOON};
 use serde_json::json;
 use tokio::time::{timeout, Instant};
 
@@ -585,4 +585,254 @@ async fn a_frozen_holder_is_a_cluster_timeout_and_an_incomplete_publish() {
         got.ends_with(&["whole".to_owned(), "thawed".to_owned()]),
         "{got:?}"
     );
+}
+
+/// §10: "A node whose Redis is unreachable at start-up starts anyway and reports not ready until it
+/// connects." Two nodes started while Redis is down serve local streams, refuse what needs the
+/// cluster, and join within 2 s of Redis answering.
+#[tokio::test]
+async fn nodes_started_while_redis_is_down_join_when_it_comes() {
+    let mut redis = Redis::start().await;
+    redis.kill().await;
+    let mut backend = common::Backend::start().await;
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(
+            heartbeats(common::Gateway::builder().callback(&backend))
+                .env("REDIS_URL", redis.url())
+                .spawn()
+                .await,
+        );
+    }
+    for gw in &nodes {
+        probe(gw).await.assert_json(503, not_ready_body());
+        let m = gw.metrics().await;
+        assert_eq!(m.get(REDIS_UP, &[]), Some(0.0), "{}", m.text);
+    }
+    backend.on_connect(common::Reply::ok().body(json!({"channels": ["room"]}).to_string()));
+    let (mut s0, t0) = nodes[0].open(&mut backend, "/n0").await;
+    let (mut s1, t1) = nodes[1].open(&mut backend, "/n1").await;
+    nodes[0]
+        .send_ok(&json!({"token": t0, "event": {"data": "local"}}))
+        .await;
+    assert_eq!(s0.next_event(SOON).await.data, "local");
+    nodes[0]
+        .send(&json!({"token": t1, "event": {"data": "refused"}}))
+        .await
+        .assert_json(503, unavailable());
+    publish(
+        &nodes[1],
+        &json!({"channel": "room", "event": {"data": "refused"}}),
+    )
+    .await
+    .assert_json(503, unavailable());
+
+    redis.restart().await;
+    let back = Instant::now();
+    for gw in &nodes {
+        let took = wait_readyz(gw, REJOIN + SLACK, 200).await;
+        eprintln!("a node started while Redis was down: ready {took:?} after Redis answered");
+    }
+    probe(&nodes[0]).await.assert_json(200, ready_body());
+    assert!(back.elapsed() < REJOIN + SLACK);
+    common::cluster::wait_joined(&nodes, 2, SOON).await;
+    assert_eq!(
+        publish_ok(
+            &nodes[0],
+            &json!({"channel": "room", "event": {"data": "both"}})
+        )
+        .await,
+        2
+    );
+    nodes[0]
+        .send_ok(&json!({"token": t1, "event": {"data": "across"}}))
+        .await;
+    assert_eq!(drain(&mut s0, LATE).await.0, ["both"]);
+    assert_eq!(drain(&mut s1, LATE).await.0, ["both", "across"]);
+}
+
+/// Tokens name their node: nodes that start at the same moment, or while Redis is down, must
+/// still end up with distinct identities, or a node takes another's tokens for its own (404).
+/// 48 nodes started while Redis is down, then Redis: every node reaches every other's stream.
+/// (Were each node to pick its identity at random among 256, two of 48 would share one in 99% of
+/// runs.)
+#[tokio::test]
+async fn many_nodes_started_while_redis_is_down_reach_each_others_streams() {
+    const N: usize = 48;
+    let start = Instant::now();
+    let mut redis = Redis::start().await;
+    redis.kill().await;
+    let mut backend = common::Backend::start().await;
+    let mut nodes = Vec::new();
+    for _ in 0..N {
+        nodes.push(
+            common::Gateway::builder()
+                .callback(&backend)
+                .env("REDIS_URL", redis.url())
+                .env("WORKER_THREADS", "1")
+                .spawn()
+                .await,
+        );
+    }
+    let spawned = start.elapsed();
+    redis.restart().await;
+    common::cluster::wait_joined(&nodes, N, Duration::from_secs(15)).await;
+    eprintln!(
+        "{N} nodes: spawned in {spawned:?}, joined {:?} after start",
+        start.elapsed()
+    );
+    let mut streams = Vec::new();
+    for (i, gw) in nodes.iter().enumerate() {
+        streams.push(gw.open(&mut backend, &format!("/n{i}")).await);
+    }
+    let mut wrong = Vec::new();
+    for (i, gw) in nodes.iter().enumerate() {
+        let mut sender = common::cluster::Sender::connect(gw).await;
+        for (j, (_, token)) in streams.iter().enumerate() {
+            let r = sender
+                .post(
+                    "/internal/send",
+                    &json!({"token": token, "event": {"data": format!("{i}->{j}")}}),
+                )
+                .await;
+            if r.status() != 200 {
+                wrong.push(format!(
+                    "via node {i} to node {j}'s token {token}: {} {}",
+                    r.status(),
+                    r.text()
+                ));
+            }
+        }
+    }
+    if !wrong.is_empty() {
+        // What each node says it joined as (its log), to show which identities collided.
+        let joined: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, gw)| {
+                let line = gw
+                    .logs
+                    .lines()
+                    .into_iter()
+                    .rfind(|l| l.contains("joined Redis"))
+                    .unwrap_or_default();
+                format!("node {i}: {line}")
+            })
+            .collect();
+        panic!(
+            "{} of {} sends failed:\n{}\nthe nodes' join lines:\n{}",
+            wrong.len(),
+            N * N,
+            wrong.join("\n"),
+            joined.join("\n")
+        );
+    }
+    for (j, (stream, _)) in streams.iter_mut().enumerate() {
+        let (got, _) = drain(stream, Duration::from_millis(300)).await;
+        let want: Vec<String> = (0..N).map(|i| format!("{i}->{j}")).collect();
+        assert_eq!(counts(&got).len(), N, "node {j}'s stream: {got:?}");
+        let mut got = got;
+        got.sort();
+        let mut want = want;
+        want.sort();
+        assert_eq!(got, want);
+    }
+}
+
+/// §10.1: a drained node (SIGTERM) ends its streams cleanly with their server_closed callbacks,
+/// as one gateway does (§7), and holds nothing afterwards: its tokens are 404 from the others.
+#[tokio::test]
+async fn a_drained_node_sends_its_disconnects_and_then_holds_nothing() {
+    let mut cl = Cluster::start(3, heartbeats).await;
+    let (mut a_room, _) = cl.open_in(A, "/a/room", &["room"]).await;
+    let (mut c_room, tc_room) = cl.open_in(C, "/c/room", &["room"]).await;
+    let (mut c_direct, tc) = cl.open_in(C, "/c/direct", &[]).await;
+
+    cl.nodes[C].signal(libc::SIGTERM);
+    for stream in [&mut c_room, &mut c_direct] {
+        let (end, _) = stream.end(SOON).await;
+        assert_eq!(end, End::Clean);
+    }
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        let cb = cl.backend.next().await;
+        assert_eq!(
+            (cb.action(), cb.reason()),
+            ("disconnect", Some("server_closed"))
+        );
+        closed.push(cb.token().to_owned());
+    }
+    closed.sort();
+    let mut want = vec![tc_room.clone(), tc.clone()];
+    want.sort();
+    assert_eq!(closed, want);
+    let status = cl.nodes[C].wait_exit(SOON).await;
+    assert_eq!(status.code(), Some(0));
+
+    for token in [&tc, &tc_room] {
+        let start = Instant::now();
+        cl.nodes[A]
+            .send(&json!({"token": token, "event": {"data": "x"}}))
+            .await
+            .assert_json(404, not_found());
+        assert!(start.elapsed() < PROBE, "took {:?}", start.elapsed());
+    }
+    assert_eq!(
+        publish_ok(
+            &cl.nodes[B],
+            &json!({"channel": "room", "event": {"data": "p"}})
+        )
+        .await,
+        1
+    );
+    assert_eq!(a_room.next_event(SOON).await.data, "p");
+    for node in [A, B] {
+        cl.nodes[node]
+            .wait_metrics(SOON, |m| m.get(NODES, &[]) == Some(2.0))
+            .await;
+    }
+}
+
+/// The issue's bound on a rejoin: a node holding 100k channels is back, with all of them, within
+/// §10's 2 s of Redis' return (subscribe commands batched, not one round trip each).
+#[tokio::test]
+async fn a_node_with_100k_channels_rejoins_within_2_s_of_a_redis_restart() {
+    const CHANNELS: usize = 100_000;
+    let mut cl = Cluster::start(2, |b| b.env("MAX_CHANNELS_PER_STREAM", "100000")).await;
+    let (mut on_a, token) = cl.open_in(A, "/a/many", &[]).await;
+    let names: Vec<String> = (0..CHANNELS).map(|i| format!("ch-{i}")).collect();
+    for chunk in names.chunks(10_000) {
+        cl.nodes[A]
+            .post(
+                "/internal/subscribe",
+                &json!({"token": token, "channels": chunk}),
+            )
+            .await
+            .assert_json(200, json!({"status": "ok"}));
+    }
+    let probes = ["ch-0", "ch-50000", "ch-99999"];
+    let mut ledger = Ledger::default();
+    for name in probes {
+        let deadline = Instant::now() + SOON;
+        while ledger.publish(&cl.nodes[B], name, name).await
+            != (Outcome::Delivered {
+                delivered: 1,
+                complete: true,
+            })
+        {
+            assert!(Instant::now() < deadline, "{name} never reached A's stream");
+        }
+    }
+
+    cl.redis.kill().await;
+    until_all_not_ready(&cl, Instant::now(), NOTICE_DEAD).await;
+    cl.redis.restart().await;
+    let back = Instant::now();
+    let mut took = Duration::ZERO;
+    for name in probes {
+        took = ledger.until_full_service(&cl, B, name, name, 1, back).await;
+    }
+    eprintln!("a node with {CHANNELS} channels: full service {took:?} after Redis answered");
+    let (got, _) = drain(&mut on_a, LATE).await;
+    ledger.check(&[("a_many", got)]);
 }
