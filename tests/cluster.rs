@@ -792,6 +792,19 @@ async fn a_node_listens_to_a_channel_only_while_it_holds_a_member() {
         3
     );
     assert_eq!(on_c.next_event(SOON).await.data, "x");
+    // §10.1: every key and channel the gateways use starts with `sse-gateway:`.
+    for query in [&["KEYS", "*"][..], &["PUBSUB", "CHANNELS", "*"]] {
+        let Resp::Array(Some(names)) = cl.redis.query(query).await else {
+            panic!("{query:?}: no array")
+        };
+        assert!(!names.is_empty(), "{query:?}: nothing in Redis");
+        for name in names {
+            let Resp::Bulk(Some(name)) = name else {
+                panic!("{query:?}: {name:?}")
+            };
+            assert!(name.starts_with("sse-gateway:"), "{query:?}: {name}");
+        }
+    }
 
     // One of A's members leaves: A still listens. The other leaves too: A stops.
     on_a1.reset();
@@ -886,6 +899,66 @@ async fn two_deployments_on_one_redis_in_different_databases_stay_apart() {
     for nodes in &deployments {
         for gw in nodes {
             assert_eq!(gw.metrics().await.get(NODES, &[]), Some(2.0));
+        }
+    }
+}
+
+/// §10: `REDIS_URL` may carry `user:password@`. Nodes with the right password (with and without
+/// a user name) form a cluster; a node with a wrong one is not ready and stays out; no password
+/// ever reaches a log line.
+#[tokio::test]
+async fn a_redis_with_a_password() {
+    const PASSWORD: &str = "s3cret-pw-for-the-test";
+    const WRONG: &str = "wrong-pw-for-the-test";
+    let redis = Redis::start_with(&["--requirepass", PASSWORD]).await;
+    let mut backend = Backend::start().await;
+    let host = redis.addr;
+    let mut nodes = Vec::new();
+    for url in [
+        format!("redis://:{PASSWORD}@{host}"),
+        format!("redis://default:{PASSWORD}@{host}/0"),
+    ] {
+        nodes.push(
+            Gateway::builder()
+                .callback(&backend)
+                .env("REDIS_URL", url)
+                .spawn()
+                .await,
+        );
+    }
+    let outsider = Gateway::builder()
+        .callback(&backend)
+        .env("REDIS_URL", format!("redis://:{WRONG}@{host}"))
+        .spawn()
+        .await;
+    wait_joined(&nodes, 2, SOON).await;
+    let (mut on_1, t1) = nodes[1].open(&mut backend, "/pw").await;
+    nodes[0]
+        .send_ok(&json!({"token": t1, "event": {"data": "through an authenticated Redis"}}))
+        .await;
+    assert_eq!(
+        on_1.next_event(SOON).await.data,
+        "through an authenticated Redis"
+    );
+
+    readyz(&outsider).await.assert_json(
+        503,
+        json!({"status": "not_ready", "configured": true, "redis": false}),
+    );
+    assert_eq!(outsider.metrics().await.get(REDIS_UP, &[]), Some(0.0));
+    outsider
+        .send(&json!({"token": t1, "event": {"data": "x"}}))
+        .await
+        .assert_json(503, json!({"error": "Cluster unavailable"}));
+    for gw in &nodes {
+        assert_eq!(gw.metrics().await.get(NODES, &[]), Some(2.0));
+    }
+    for gw in nodes.iter().chain([&outsider]) {
+        for line in gw.logs.lines() {
+            assert!(
+                !line.contains(PASSWORD) && !line.contains(WRONG),
+                "a log line holds the Redis password: {line}"
+            );
         }
     }
 }

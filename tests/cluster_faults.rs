@@ -836,3 +836,61 @@ async fn a_node_with_100k_channels_rejoins_within_2_s_of_a_redis_restart() {
     let (got, _) = drain(&mut on_a, LATE).await;
     ledger.check(&[("a_many", got)]);
 }
+
+/// §10.1: "a node killed without a drain (SIGKILL, power loss) ... the backend sees those tokens
+/// 404 from then on"; §10: "A node that died holds nothing: its tokens are 404, not timeouts, once
+/// the others notice". A machine that loses power closes no TCP connection: to Redis and to the
+/// other nodes it looks exactly like a process frozen with SIGSTOP (its Redis connection stays
+/// open and carries nothing). Once the others have counted it out (`sse_gateway_cluster_nodes`),
+/// its tokens must be 404 and publishes complete, not 504s and `complete:false` after waiting
+/// CLUSTER_TIMEOUT_MS on every request, for as long as Redis keeps the dead connection.
+#[tokio::test]
+async fn a_node_silent_like_after_a_power_loss_holds_nothing_once_counted_out() {
+    const CLUSTER_TIMEOUT: Duration = Duration::from_millis(500);
+    let mut cl = Cluster::start(3, |b| heartbeats(b).env("CLUSTER_TIMEOUT_MS", "500")).await;
+    let (mut a_room, _) = cl.open_in(A, "/a/room", &["room"]).await;
+    let (_c_room, _) = cl.open_in(C, "/c/room", &["room"]).await;
+    let (_c_direct, tc) = cl.open_in(C, "/c/direct", &[]).await;
+
+    cl.nodes[C].signal(libc::SIGSTOP);
+    let silent = Instant::now();
+    for node in [A, B] {
+        cl.nodes[node]
+            .wait_metrics(Duration::from_secs(15), |m| m.get(NODES, &[]) == Some(2.0))
+            .await;
+    }
+    eprintln!("a silent node counted out after {:?}", silent.elapsed());
+
+    let start = Instant::now();
+    let r = cl.nodes[A]
+        .send(&json!({"token": tc, "event": {"data": "to the silent"}}))
+        .await;
+    let took = start.elapsed();
+    let start = Instant::now();
+    let p = publish(
+        &cl.nodes[B],
+        &json!({"channel": "room", "event": {"data": "p"}}),
+    )
+    .await;
+    let publish_took = start.elapsed();
+    cl.nodes[C].signal(libc::SIGCONT);
+    let observed = format!(
+        "send: {} {} after {took:?}; publish: {} {} after {publish_took:?}",
+        r.status(),
+        r.text(),
+        p.status(),
+        p.text()
+    );
+    eprintln!("a node counted out: {observed}");
+    assert!(
+        r.status() == 404 && took < CLUSTER_TIMEOUT,
+        "send to a counted-out node's token, want 404 at once; {observed}"
+    );
+    assert!(
+        p.status() == 200
+            && p.json() == json!({"status": "ok", "delivered": 1})
+            && publish_took < CLUSTER_TIMEOUT,
+        "publish, want complete with delivered 1 at once; {observed}"
+    );
+    assert_eq!(a_room.next_event(SOON).await.data, "p");
+}

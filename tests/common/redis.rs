@@ -22,6 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Redis {
     server: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
     pub addr: SocketAddr,
     dir: PathBuf,
@@ -30,6 +31,12 @@ pub struct Redis {
 impl Redis {
     /// Starts `redis-server` on a port that was free a moment ago and waits for PONG.
     pub async fn start() -> Redis {
+        Redis::start_with(&[]).await
+    }
+
+    /// As [`Redis::start`], with extra `redis-server` arguments (e.g. `--requirepass`), also used
+    /// by [`Redis::restart`].
+    pub async fn start_with(extra: &[&str]) -> Redis {
         let server = server_path().unwrap_or_else(|| {
             panic!(
                 "redis-server not found ({REDIS_SERVER} nor on PATH): the cluster tests run a \
@@ -42,6 +49,7 @@ impl Redis {
         std::fs::create_dir_all(&dir).expect("redis temp dir");
         let mut redis = Redis {
             server,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             dir,
@@ -72,6 +80,7 @@ impl Redis {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -107,13 +116,14 @@ impl Redis {
         std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
     }
 
-    /// True when the server answers `PING` with `+PONG` within `within` (a paused or dead server
-    /// does not).
+    /// True when the server answers `PING` within `within`, with `+PONG` (or `-NOAUTH` when it
+    /// wants a password); a paused or dead server does not.
     pub async fn ping(&self, within: Duration) -> bool {
-        matches!(
-            timeout(within, command(self.addr, &["PING"])).await,
-            Ok(Ok(Resp::Simple(pong))) if pong == "PONG"
-        )
+        match timeout(within, command(self.addr, &["PING"])).await {
+            Ok(Ok(Resp::Simple(pong))) => pong == "PONG",
+            Ok(Ok(Resp::Error(e))) => e.starts_with("NOAUTH"),
+            _ => false,
+        }
     }
 
     /// Sends one command and returns its reply in [`Resp::short`] form (`+OK`, `:3`, the bulk
