@@ -48,7 +48,7 @@ fn nodes_key() -> String {
     format!("{PREFIX}nodes")
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -103,11 +103,9 @@ impl Interest {
 impl Cluster {
     /// Makes sure this node listens to each of `names` before returning, so a publish through any
     /// node after this reaches the stream that just joined them. While Redis is down it returns at
-    /// once: the rejoin listens to every channel with a local member.
+    /// once: the next join listens to every channel with a local member. (Queued even then: a change
+    /// made while a join is under way, after its snapshot of the channels, is applied after it.)
     pub async fn watch<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        if !self.is_up() {
-            return;
-        }
         let mut missing: Vec<Arc<str>> = Vec::new();
         {
             let mut listening = self.interest.listening.lock();
@@ -451,6 +449,18 @@ async fn handle(
             if instance == cluster.instance {
                 cluster.replied(id, code, value);
             }
+        }
+        Some(Message::Request { origin, .. } | Message::Publish { origin, .. })
+            if origin.expires_ms < now_ms() =>
+        {
+            // Its asker answered 503/504 already (Redis stalled, or this node was too busy):
+            // carrying it out now would make that answer a lie.
+            log!(
+                Level::Debug,
+                "cluster: dropped a request from node {} that expired {} ms ago",
+                origin.node,
+                now_ms() - origin.expires_ms
+            );
         }
         Some(Message::Request {
             origin,

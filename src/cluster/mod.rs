@@ -195,11 +195,13 @@ impl Cluster {
         (id, waiting, Unregister { cluster: self, id })
     }
 
+    /// This process as the origin of request `id`, waiting `CLUSTER_TIMEOUT_MS` from now.
     fn origin(&self, id: u64) -> message::Origin {
         message::Origin {
             instance: self.instance,
             node: self.node,
             id,
+            expires_ms: link::now_ms() + self.timeout.as_millis() as u64,
         }
     }
 
