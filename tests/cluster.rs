@@ -2,7 +2,9 @@
 //! backend as one gateway would. Sends, subscribes and unsubscribes for a token held by another
 //! node reach that node and come back with its answer; publish reaches every member on every node
 //! once with the cluster-wide count; order per token through one node; close from another node;
-//! the holder's errors (channel limit, queue overflow) come back unchanged; metrics and /readyz.
+//! the holder's errors (channel limit, queue overflow) come back unchanged; batches; metrics and
+//! /readyz; traffic follows interest (one Redis subscription per node holding a member); §10.1's
+//! `sse-gateway:` prefix, deployments kept apart by Redis database, a Redis with a password.
 //! Which node holds a stream: the one whose public port the stream was opened on (its token comes
 //! in the connect callback). Events carry sequence numbers, read through the independent SSE
 //! parser, so a duplicate or a reordering shows.

@@ -1,6 +1,8 @@
 //! PROTOCOL §10 and §10.1 when things break: three real gateways on one real Redis, and Redis
 //! killed then restarted on the same port, Redis paused with SIGSTOP for 10 s (a connection that
-//! looks open and carries nothing), a node killed with SIGKILL, a node frozen with SIGSTOP.
+//! looks open and carries nothing), a node killed with SIGKILL, a node frozen with SIGSTOP (briefly:
+//! a timeout; past its heartbeats: as after a power loss), a node drained with SIGTERM, nodes started
+//! while Redis is down, a node with 100k channels rejoining.
 //!
 //! While Redis is away every publish and every request that needs another node is 503
 //! `{"error":"Cluster unavailable"}` and delivers nothing, local sends still work, streams keep
