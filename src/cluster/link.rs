@@ -364,13 +364,13 @@ async fn serve(
     changes: &mut mpsc::UnboundedReceiver<Change>,
 ) -> String {
     let (lost_tx, mut lost) = oneshot::channel();
-    let dispatcher = tokio::spawn(dispatch(
-        cluster.clone(),
-        gateway.clone(),
-        pushes,
-        connection.clone(),
-        lost_tx,
-    ));
+    let (replies, queued) = mpsc::unbounded_channel();
+    let replier = tokio::spawn(send_replies(cluster.clone(), connection.clone(), queued));
+    let replies = Replies {
+        cluster: cluster.clone(),
+        queue: replies,
+    };
+    let dispatcher = tokio::spawn(dispatch(gateway.clone(), pushes, replies, lost_tx));
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -391,6 +391,7 @@ async fn serve(
         }
     };
     dispatcher.abort();
+    replier.abort();
     why
 }
 
@@ -472,12 +473,15 @@ async fn apply_changes(
     Ok(())
 }
 
-/// Applies what arrives, in arrival order, until the connection closes.
+/// Applies what arrives, in arrival order, until the connection closes. Requests for a token are
+/// applied here, one after the other, so a node's sends reach a stream in the order it made them;
+/// a publish's fan-out runs in a task of its own, so a fan-out to thousands of streams does not hold
+/// up the sends behind it (a publish is answered when its fan-out is done, so a publish and a send
+/// made one after the other by the backend still arrive in that order).
 async fn dispatch(
-    cluster: Arc<Cluster>,
     gateway: Weak<Gateway>,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-    connection: MultiplexedConnection,
+    replies: Replies,
     lost: oneshot::Sender<()>,
 ) {
     let mut recent = Recent::default();
@@ -491,7 +495,7 @@ async fn dispatch(
                 let Some(gateway) = gateway.upgrade() else {
                     break;
                 };
-                handle(&cluster, &gateway, &connection, &mut recent, payload.into()).await;
+                handle(&gateway, &replies, &mut recent, payload.into()).await;
             }
             // Subscribe confirmations and the like: redis-rs has matched them to their commands.
             _ => {}
@@ -500,13 +504,7 @@ async fn dispatch(
     let _ = lost.send(());
 }
 
-async fn handle(
-    cluster: &Cluster,
-    gateway: &Gateway,
-    connection: &MultiplexedConnection,
-    recent: &mut Recent,
-    payload: Bytes,
-) {
+async fn handle(gateway: &Arc<Gateway>, replies: &Replies, recent: &mut Recent, payload: Bytes) {
     match message::decode(&payload) {
         None => log!(
             Level::Warn,
@@ -519,8 +517,8 @@ async fn handle(
             code,
             value,
         }) => {
-            if instance == cluster.instance {
-                cluster.replied(id, code, value);
+            if instance == replies.cluster.instance {
+                replies.cluster.replied(id, code, value);
             }
         }
         Some(Message::Request { origin, .. } | Message::Publish { origin, .. })
@@ -543,7 +541,7 @@ async fn handle(
         }) => {
             let rest = payload.slice_ref(rest);
             let (code, value) = gateway.apply_forwarded(token, ask, rest).await;
-            reply(cluster, connection, origin, code, value);
+            replies.send(origin, code, value);
         }
         Some(Message::Publish {
             origin,
@@ -552,50 +550,64 @@ async fn handle(
             frame_at,
         }) => {
             // A publish to several channels arrives once per channel this node listens to.
-            let first = !names.contains(&b'\n') || recent.first(origin);
-            let delivered = if first {
-                let frame = (frame_at < payload.len()).then(|| payload.slice(frame_at..));
-                let names: Vec<&str> = message::names(names).collect();
-                gateway.deliver_published(&names, frame, close).await
-            } else {
-                0
-            };
-            reply(
-                cluster,
-                connection,
-                origin,
-                Code::Delivered,
-                delivered as u64,
-            );
+            if names.contains(&b'\n') && !recent.first(origin) {
+                replies.send(origin, Code::Delivered, 0);
+                return;
+            }
+            let names = payload.slice_ref(names);
+            let frame = (frame_at < payload.len()).then(|| payload.slice(frame_at..));
+            let (gateway, replies) = (gateway.clone(), replies.clone());
+            tokio::spawn(async move {
+                let names: Vec<&str> = message::names(&names).collect();
+                let delivered = gateway.deliver_published(&names, frame, close).await;
+                replies.send(origin, Code::Delivered, delivered as u64);
+            });
         }
     }
 }
 
-/// Answers `origin`: straight into its waiting request when it is this process, else through its
-/// node's channel, without holding up the next message.
-fn reply(
-    cluster: &Cluster,
-    connection: &MultiplexedConnection,
-    origin: Origin,
-    code: Code,
-    value: u64,
-) {
-    if origin.instance == cluster.instance {
-        cluster.replied(origin.id, code, value);
-        return;
-    }
-    let body = message::reply(origin.instance, origin.id, code, value);
-    let mut publish = redis::cmd("PUBLISH");
-    publish
-        .arg(cluster.keys.node_channel(origin.node))
-        .arg(&body[..]);
-    let mut connection = connection.clone();
-    tokio::spawn(async move {
-        let sent: redis::RedisResult<usize> = publish.query_async(&mut connection).await;
-        if let Err(err) = sent {
-            log!(Level::Debug, "cluster: reply not sent: {err}");
+/// Where this node's answers go: straight into the waiting request when the asker is this
+/// process, else onto the queue that [`send_replies`] empties.
+#[derive(Clone)]
+struct Replies {
+    cluster: Arc<Cluster>,
+    queue: mpsc::UnboundedSender<(u8, Bytes)>,
+}
+
+impl Replies {
+    fn send(&self, origin: Origin, code: Code, value: u64) {
+        if origin.instance == self.cluster.instance {
+            self.cluster.replied(origin.id, code, value);
+        } else {
+            let body = message::reply(origin.instance, origin.id, code, value);
+            let _ = self.queue.send((origin.node, body));
         }
-    });
+    }
+}
+
+/// Publishes queued answers to their askers' node channels: all that queued up while the previous
+/// ones were in flight go out as one pipeline (one write), so under load a reply costs a fraction of
+/// a round trip.
+async fn send_replies(
+    cluster: Arc<Cluster>,
+    mut connection: MultiplexedConnection,
+    mut queued: mpsc::UnboundedReceiver<(u8, Bytes)>,
+) {
+    let mut round = Vec::new();
+    while queued.recv_many(&mut round, 1024).await > 0 {
+        let mut pipeline = redis::pipe();
+        for (node, body) in round.drain(..) {
+            pipeline
+                .cmd("PUBLISH")
+                .arg(cluster.keys.node_channel(node))
+                .arg(&body[..])
+                .ignore();
+        }
+        let sent: redis::RedisResult<()> = pipeline.query_async(&mut connection).await;
+        if let Err(err) = sent {
+            log!(Level::Debug, "cluster: replies not sent: {err}");
+        }
+    }
 }
 
 /// The last `RECENT_PUBLISHES` multi-channel publishes seen.
