@@ -19,7 +19,7 @@ use common::cluster::{
     counts, drain, expect_no_event, not_found, not_ready_body, publish, publish_ok, ready_body,
     readyz, seq_data, unavailable, wait_readyz, Cluster, NODES, REDIS_UP,
 };
-use common::{End, GatewayBuilder, Item, NoItem, Redis, SOON};
+use common::{End, GatewayBuilder, Item, NoItem, Redis, SseStream, SOON};
 use serde_json::json;
 use tokio::time::{timeout, Instant};
 
@@ -47,6 +47,44 @@ enum Outcome {
     Refused,
     /// 200: `complete` ones reached exactly `delivered` streams, incomplete ones at least that.
     Delivered { delivered: u64, complete: bool },
+}
+
+/// Two members of channel `room`, on A and C, and what each got, in order (checked against the
+/// ledger at the end of a fault test).
+struct Rooms {
+    a_room: SseStream,
+    c_room: SseStream,
+    ledger: Ledger,
+    a_got: Vec<String>,
+    c_got: Vec<String>,
+}
+
+impl Rooms {
+    async fn open(cl: &mut Cluster) -> Rooms {
+        let (a_room, _) = cl.open_in(A, "/a/room", &["room"]).await;
+        let (c_room, _) = cl.open_in(C, "/c/room", &["room"]).await;
+        Rooms {
+            a_room,
+            c_room,
+            ledger: Ledger::default(),
+            a_got: Vec::new(),
+            c_got: Vec::new(),
+        }
+    }
+
+    /// A publish through B before the fault, which both members get.
+    async fn first_publish(mut self, cl: &Cluster) -> Rooms {
+        assert_eq!(
+            self.ledger.publish(&cl.nodes[B], "room", "room").await,
+            Outcome::Delivered {
+                delivered: 2,
+                complete: true
+            }
+        );
+        self.a_got.push(self.a_room.next_event(SOON).await.data);
+        self.c_got.push(self.c_room.next_event(SOON).await.data);
+        self
+    }
 }
 
 /// Every publish of a test with its answer, checked at the end against what the streams got.
@@ -218,21 +256,16 @@ async fn until_all_not_ready(cl: &Cluster, since: Instant, within: Duration) -> 
 #[tokio::test]
 async fn redis_killed_mid_run_then_restarted_on_the_same_port() {
     let mut cl = Cluster::start(3, heartbeats).await;
-    let (mut a_room, _) = cl.open_in(A, "/a/room", &["room"]).await;
-    let (mut c_room, _) = cl.open_in(C, "/c/room", &["room"]).await;
+    let rooms = Rooms::open(&mut cl).await;
     let (mut b_local, tb) = cl.open_in(B, "/b/local", &[]).await;
     let (mut c_direct, tc) = cl.open_in(C, "/c/direct", &[]).await;
-    let mut ledger = Ledger::default();
-    assert_eq!(
-        ledger.publish(&cl.nodes[B], "room", "room").await,
-        Outcome::Delivered {
-            delivered: 2,
-            complete: true
-        }
-    );
-    // What each room member got, in order (checked against the ledger at the end).
-    let mut a_got = vec![a_room.next_event(SOON).await.data];
-    let mut c_got = vec![c_room.next_event(SOON).await.data];
+    let Rooms {
+        mut a_room,
+        mut c_room,
+        mut ledger,
+        mut a_got,
+        mut c_got,
+    } = rooms.first_publish(&cl).await;
 
     cl.redis.kill().await;
     let killed = Instant::now();
@@ -339,20 +372,15 @@ async fn redis_killed_mid_run_then_restarted_on_the_same_port() {
 #[tokio::test]
 async fn redis_paused_for_10_s_is_noticed_and_nothing_is_delivered_twice() {
     let mut cl = Cluster::start(3, heartbeats).await;
-    let (mut a_room, _) = cl.open_in(A, "/a/room", &["room"]).await;
-    let (mut c_room, _) = cl.open_in(C, "/c/room", &["room"]).await;
+    let rooms = Rooms::open(&mut cl).await;
     let (mut c_direct, tc) = cl.open_in(C, "/c/direct", &[]).await;
-    let mut ledger = Ledger::default();
-    assert_eq!(
-        ledger.publish(&cl.nodes[B], "room", "room").await,
-        Outcome::Delivered {
-            delivered: 2,
-            complete: true
-        }
-    );
-    // What each room member got, in order (checked against the ledger at the end).
-    let mut a_got = vec![a_room.next_event(SOON).await.data];
-    let mut c_got = vec![c_room.next_event(SOON).await.data];
+    let Rooms {
+        mut a_room,
+        mut c_room,
+        mut ledger,
+        mut a_got,
+        mut c_got,
+    } = rooms.first_publish(&cl).await;
 
     cl.redis.pause();
     let paused = Instant::now();

@@ -632,3 +632,30 @@ impl Recent {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(instance: u64, id: u64) -> Origin {
+        Origin {
+            instance,
+            node: 1,
+            id,
+            expires_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_publish_is_first_once_and_forgotten_after_the_window() {
+        let mut recent = Recent::default();
+        assert!(recent.first(origin(1, 7)));
+        assert!(!recent.first(origin(1, 7)));
+        assert!(recent.first(origin(2, 7)), "another process's id 7");
+        for id in 100..100 + RECENT_PUBLISHES as u64 {
+            assert!(recent.first(origin(1, id)));
+        }
+        assert_eq!(recent.seen.len(), RECENT_PUBLISHES);
+        assert!(recent.first(origin(1, 7)), "pushed out of the window");
+    }
+}
