@@ -3,6 +3,7 @@
 //!   `_bucket`, `_sum` and `_count` series count as the histogram), and the dashboard imports
 //!   anywhere (its data source is a variable, never a fixed uid);
 //! - README's metrics table lists exactly the exported metrics, with their types and labels.
+//!
 //! Both scrape a gateway joined to a real Redis, so the cluster's metrics are among them.
 
 mod common;
