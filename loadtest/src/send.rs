@@ -205,8 +205,18 @@ impl Sender {
         }
     }
 
-    /// Opens the keep-alive connection if there is none.
+    /// Opens the keep-alive connection if there is none, or if the one we have is stale: the
+    /// gateway closes a connection idle for 30 s with an unasked-for 408 (PROTOCOL §9, hyper's
+    /// header read timeout), and a request written after it would read that 408 as its answer.
+    /// Anything readable before we asked (an answer or EOF) means the connection is done.
     async fn connect(&mut self) -> Result<(), String> {
+        if let Some(sock) = &self.sock {
+            let mut byte = [0u8; 1];
+            match sock.try_read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => self.sock = None,
+            }
+        }
         if self.sock.is_none() {
             let s = TcpStream::connect(self.addr)
                 .await

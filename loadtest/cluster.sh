@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The load figures of issue 9 (PROTOCOL §10, several gateways joined by Redis): each scenario on one
+# gateway and on a cluster, side by side in the same run, alternating, --runs times; every run's log
+# and SUMMARY line under --out. loadtest/cluster-table.py turns them into medians and verdicts.
+#
+#   loadtest/cluster.sh [--runs 3] [--only publish18k,cross,density] [--duration 30] [--nodes 3] [--out DIR]
+#   loadtest/cluster.sh --quick          # smoke check: 1 run, 5 s of sends, two density steps (~2 min)
+#
+# Scenarios (names for --only; `local` is extra, not in the default set):
+#   publish18k  one publish to 18k streams: one gateway vs 18k spread over --nodes (publish via node 0)
+#   cross       2k sends/s for --duration s to 1k streams: local sends on one gateway vs sends through a
+#               node that does not hold the token (--via other) on --nodes; CPU of all gateways + Redis
+#   density     memory per idle stream (Pss slope 1k -> 18k): REDIS_URL unset vs set (--cluster 1)
+#   local       as cross's cluster side, but each send goes to the node holding the token (--via holder):
+#               what REDIS_URL costs a send that stays local (compared with cross's single side)
+# Pinning as the single-node figures (BENCHMARKS.md §1): every gateway (WORKER_THREADS=1) and
+# redis-server on CPU 0, sse-load on CPU 1. Every sse-load run is bounded (its own deadlines) and
+# wrapped in `timeout`; sse-load starts and stops Redis and the gateways itself. Needs:
+# cargo build --release -p sse-gateway -p sse-load, and /usr/bin/redis-server (Debian redis-server).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=3
+ONLY="publish18k,cross,density"
+DURATION=30
+NODES=3
+QUICK=0
+OUT=${OUT:-/tmp/sse-cluster.$$}
+TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
+LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
+REDIS_BIN=${REDIS_BIN:-/usr/bin/redis-server}
+SERVER_CPU=0
+LOAD_CPU=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --nodes) NODES=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) QUICK=1; RUNS=1; DURATION=5; shift ;;
+    *) echo "usage: $0 [--runs N] [--only publish18k,cross,density,local] [--duration S] [--nodes N] [--out DIR] [--quick]" >&2; exit 2 ;;
+  esac
+done
+[ -x "$REDIS_BIN" ] || { echo "$REDIS_BIN missing: apt-get install redis-server" >&2; exit 2; }
+[ -x "$GATEWAY_BIN" ] && [ -x "$LOAD" ] || { echo "build first: cargo build --release -p sse-gateway -p sse-load" >&2; exit 2; }
+mkdir -p "$OUT"
+if [ "$QUICK" = 1 ]; then
+  STEPS=1000,10000; SETTLE=1; ROUNDS=3
+else
+  STEPS=1000,5000,10000,18000; SETTLE=3; ROUNDS=5
+fi
+{
+  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "nproc $(nproc)"
+  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "kernel $(uname -r)"
+  echo "redis $("$REDIS_BIN" --version)"
+  echo "gateway $GATEWAY_BIN ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
+  echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
+run() {
+  local name=$1 side=$2 n=$3; shift 4
+  local log="$OUT/$name.$side.$n.log"
+  local t0=$SECONDS
+  timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" --redis-bin "$REDIS_BIN" \
+    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 > "$log" 2>&1 || true
+  echo "== $name $side run $n ($((SECONDS - t0)) s): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
+  grep -E '^SUMMARY' "$log" >> "$OUT/$name.$side.summaries" || true
+}
+
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+UNI="unicast -n 1000 -c 8 --rate 2000 --duration $DURATION"
+PUB="broadcast -n 18000 --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10"
+for n in $(seq "$RUNS"); do
+  if want publish18k; then
+    run publish18k single "$n" -- $PUB
+    run publish18k cluster "$n" -- $PUB --cluster "$NODES"
+  fi
+  if want cross; then
+    run cross single "$n" -- $UNI
+    run cross cluster "$n" -- $UNI --cluster "$NODES" --via other
+  fi
+  if want local; then   # its single-node side is cross's
+    run local cluster "$n" -- $UNI --cluster "$NODES" --via holder
+  fi
+  if want density; then
+    run density single "$n" -- density --steps "$STEPS" --settle "$SETTLE"
+    run density cluster "$n" -- density --steps "$STEPS" --settle "$SETTLE" --cluster 1
+  fi
+done
+echo "logs and SUMMARY lines in $OUT; table: loadtest/cluster-table.py $OUT"
