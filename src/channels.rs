@@ -6,7 +6,8 @@
 //! (PROTOCOL §9: a list scan made 100k subscribes quadratic), and a disconnect leaves every channel
 //! of the stream without searching any of them. `MAX_CHANNELS_PER_STREAM` is enforced here, under
 //! the stream's membership lock, so a join that would pass it changes nothing.
-//! A channel exists only while it has members: the last leave removes it, so churn leaves nothing.
+//! A channel exists only while it has members: the last leave removes it, so churn leaves nothing,
+//! and tells the hook given to [`Channels::with_emptied`] (a cluster node stops listening to it).
 //! It does not queue frames or end streams: a publish takes a snapshot of the members here and
 //! delivers outside every lock, so a fan-out to 18k streams holds one channel shard's lock only for
 //! the copy of 18k pointers (measured in BENCHMARKS.md), never across the deliveries.
@@ -67,10 +68,14 @@ pub struct TooManyChannels {
 
 type Shard = HashMap<Arc<str>, Slab<Arc<Stream>>>;
 
+/// Called with a channel's name after its last member left, outside the channel shard's lock.
+pub type Emptied = Box<dyn Fn(Arc<str>) + Send + Sync>;
+
 pub struct Channels {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     count: AtomicUsize,
+    emptied: Option<Emptied>,
 }
 
 impl Default for Channels {
@@ -81,10 +86,15 @@ impl Default for Channels {
 
 impl Channels {
     pub fn new() -> Channels {
+        Channels::with_emptied(None)
+    }
+
+    pub fn with_emptied(emptied: Option<Emptied>) -> Channels {
         Channels {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             count: AtomicUsize::new(0),
+            emptied,
         }
     }
 
@@ -161,15 +171,33 @@ impl Channels {
         }
     }
 
-    fn remove(&self, channel: &str, slot: usize) {
+    fn remove(&self, channel: &Arc<str>, slot: usize) {
         let mut shard = self.shard(channel).lock();
-        if let Some(members) = shard.get_mut(channel) {
+        if let Some(members) = shard.get_mut(&**channel) {
             members.try_remove(slot);
             if members.is_empty() {
-                shard.remove(channel);
+                shard.remove(&**channel);
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                drop(shard);
+                if let Some(emptied) = &self.emptied {
+                    emptied(channel.clone());
+                }
             }
         }
+    }
+
+    /// Whether `name` has members now.
+    pub fn contains(&self, name: &str) -> bool {
+        self.shard(name).lock().contains_key(name)
+    }
+
+    /// Every channel with members, one shard at a time (a cluster node's rejoin).
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut names = Vec::with_capacity(self.len());
+        for shard in self.shards.iter() {
+            names.extend(shard.lock().keys().cloned());
+        }
+        names
     }
 
     /// Appends the members of `name` to `out`. The shard lock is held only for this copy.

@@ -34,6 +34,8 @@ pub const ENV_CALLBACK_CONCURRENCY: &str = "CALLBACK_CONCURRENCY";
 pub const ENV_CALLBACK_RETRY_SECONDS: &str = "CALLBACK_RETRY_SECONDS";
 pub const ENV_INTERNAL_INSECURE: &str = "INTERNAL_INSECURE";
 pub const ENV_MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+pub const ENV_CLUSTER_TIMEOUT_MS: &str = "CLUSTER_TIMEOUT_MS";
 
 /// One environment variable as `--help` and README's configuration table show it.
 #[derive(Clone, Copy, Debug)]
@@ -152,6 +154,16 @@ pub const VARIABLES: &[Variable] = &[
         default: "1000",
         meaning: "operations one POST /internal/batch may hold (1 to 100000); more is 400 and nothing is applied",
     },
+    Variable {
+        name: ENV_REDIS_URL,
+        default: "unset",
+        meaning: "`redis://[user:password@]host:port[/db]`: join the gateways that share this Redis into one deployment (PROTOCOL §10); unset: one node, no Redis",
+    },
+    Variable {
+        name: ENV_CLUSTER_TIMEOUT_MS,
+        default: "1000",
+        meaning: "how long a node waits for the others' answers (1 to 60000); a send past it is 504, a publish answers `complete:false`",
+    },
 ];
 
 /// A callback endpoint, split once at start-up so each callback only formats a request.
@@ -194,6 +206,10 @@ pub struct Config {
     pub internal_insecure: bool,
     /// Items one `/internal/batch` may hold (PROTOCOL §12).
     pub max_batch_items: usize,
+    /// `REDIS_URL`: the deployment's Redis (PROTOCOL §10); `None` is one node and no Redis code.
+    pub redis_url: Option<String>,
+    /// How long a node waits for the other nodes' answers.
+    pub cluster_timeout: Duration,
 }
 
 /// Why start-up stops (exit status 2); every case names the variable to change.
@@ -369,6 +385,13 @@ impl Config {
                 1..=100_000,
                 1000,
             )?,
+            redis_url: env.get(ENV_REDIS_URL).map(parse_redis_url).transpose()?,
+            cluster_timeout: Duration::from_millis(env.ranged(
+                ENV_CLUSTER_TIMEOUT_MS,
+                "an integer number of milliseconds from 1 to 60000",
+                1..=60_000,
+                1000,
+            )?),
         };
         config.check_internal_exposure()?;
         Ok(config)
@@ -483,6 +506,32 @@ fn parse_callback_url(raw: String) -> Result<CallbackUrl, ConfigError> {
     Ok(CallbackUrl { raw, uri })
 }
 
+/// `redis://[user:password@]host:port[/db]`: the shape is checked here, the rest by the Redis
+/// client when the cluster starts.
+fn parse_redis_url(raw: String) -> Result<String, ConfigError> {
+    if raw.starts_with("rediss://") {
+        return Err(ConfigError::Refused {
+            variable: ENV_REDIS_URL,
+            value: raw,
+            reason: "rediss:// (TLS) is not supported: reach Redis over a private network or a \
+                     local TLS tunnel (stunnel, spiped) and use redis://"
+                .to_owned(),
+        });
+    }
+    let host = raw
+        .strip_prefix("redis://")
+        .map(|rest| rest.rsplit_once('@').map_or(rest, |(_, host)| host))
+        .and_then(|rest| rest.split(['/', '?']).next());
+    match host {
+        Some(host) if !host.is_empty() && !host.starts_with(':') => Ok(raw),
+        _ => Err(ConfigError::Invalid {
+            variable: ENV_REDIS_URL,
+            value: raw,
+            expected: "a URL such as redis://127.0.0.1:6379 or redis://user:password@host:6379/0",
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +569,8 @@ mod tests {
         assert_eq!(c.callback_retry, Duration::from_secs(30));
         assert!(!c.internal_insecure);
         assert_eq!(c.max_batch_items, 1000);
+        assert_eq!(c.redis_url, None);
+        assert_eq!(c.cluster_timeout, Duration::from_millis(1000));
     }
 
     #[test]
@@ -549,6 +600,13 @@ mod tests {
             (ENV_CALLBACK_CONCURRENCY, "0"),
             (ENV_CALLBACK_CONCURRENCY, "5000"),
             (ENV_CALLBACK_RETRY_SECONDS, "-1"),
+            (ENV_REDIS_URL, "127.0.0.1:6379"),
+            (ENV_REDIS_URL, "redis://"),
+            (ENV_REDIS_URL, "redis://:6379"),
+            (ENV_REDIS_URL, "rediss://127.0.0.1:6379"),
+            (ENV_REDIS_URL, "http://127.0.0.1:6379"),
+            (ENV_CLUSTER_TIMEOUT_MS, "0"),
+            (ENV_CLUSTER_TIMEOUT_MS, "60001"),
             (ENV_INTERNAL_INSECURE, "yes"),
             (ENV_MAX_BATCH_ITEMS, "0"),
             (ENV_MAX_BATCH_ITEMS, "100001"),
@@ -570,9 +628,16 @@ mod tests {
             (ENV_WORKER_THREADS, "1"),
             (ENV_INTERNAL_PORT, "0"),
             (ENV_MAX_BATCH_ITEMS, "100000"),
+            (ENV_REDIS_URL, "redis://user:p%40ss@10.0.0.5:6380/2"),
+            (ENV_CLUSTER_TIMEOUT_MS, "60000"),
         ])
         .unwrap();
         assert_eq!(c.max_batch_items, 100_000);
+        assert_eq!(
+            c.redis_url.as_deref(),
+            Some("redis://user:p%40ss@10.0.0.5:6380/2")
+        );
+        assert_eq!(c.cluster_timeout, Duration::from_secs(60));
         assert_eq!(c.port, 0);
         assert_eq!(c.callback_url.unwrap().raw, "http://127.0.0.1:9/cb");
         assert_eq!(c.log_level, Level::Debug);

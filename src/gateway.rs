@@ -4,7 +4,10 @@
 //! open stream, the operations the backend asks for (send, publish, subscribe, unsubscribe: the one
 //! API that routes call, whatever the request looked like), and the one place where a stream's end
 //! is reported: registry removal, metrics, and the disconnect callback, queued so that no caller
-//! (least of all `/internal/send`) waits on it. It does not parse HTTP and does no socket I/O:
+//! (least of all `/internal/send`) waits on it. In a cluster (`REDIS_URL`), an operation whose
+//! token another node issued, and every publish, goes through [`Cluster`]; what other nodes send
+//! here comes back in through [`Gateway::apply_forwarded`] and [`Gateway::deliver_published`], so
+//! routes never know where a token lives. It does not parse HTTP and does no socket I/O:
 //! frames go to [`Stream::deliver`], which decides between its queue and a direct write, or, in a
 //! [`Batch`], to [`Stream::defer`] and then one [`Stream::flush`] per stream.
 
@@ -15,6 +18,7 @@ use bytes::Bytes;
 
 use crate::callback::{Callbacks, Outcome};
 use crate::channels::{self, Channels, TooManyChannels};
+use crate::cluster::{message, Ask, Cluster, ClusterError, Code, Published};
 use crate::command;
 use crate::config::Config;
 use crate::demo::Demo;
@@ -42,6 +46,8 @@ pub struct Gateway {
     pub channels: Channels,
     pub metrics: Arc<Metrics>,
     pub callbacks: Option<Arc<Callbacks>>,
+    /// The other nodes of the deployment, with `REDIS_URL`.
+    pub cluster: Option<Arc<Cluster>>,
     draining: AtomicBool,
     /// Streams admitted: open ones plus those whose connect callback is in flight.
     admitted: AtomicUsize,
@@ -69,6 +75,8 @@ pub enum SendError {
     /// No open stream has this token.
     NotFound,
     Overflowed,
+    /// The token is another node's, and the cluster could not say what it did.
+    Cluster(ClusterError),
 }
 
 /// Why a subscribe or unsubscribe did nothing.
@@ -76,24 +84,38 @@ pub enum SendError {
 pub enum MembershipError {
     NotFound,
     TooManyChannels(TooManyChannels),
+    Cluster(ClusterError),
 }
 impl Gateway {
-    pub fn new(config: Config, demo: Option<Arc<Demo>>) -> Arc<Gateway> {
+    /// A gateway, and in a cluster its link to Redis, started.
+    pub fn new(
+        config: Config,
+        demo: Option<Arc<Demo>>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Gateway> {
         let metrics = Arc::new(Metrics::default());
         let callbacks = config
             .callback_url
             .clone()
             .map(|url| Arc::new(Callbacks::new(url, &config, metrics.clone())));
-        Arc::new(Gateway {
+        let emptied = cluster.clone().map(|cluster| -> channels::Emptied {
+            Box::new(move |name| cluster.channel_emptied(name))
+        });
+        let gateway = Arc::new(Gateway {
             config,
             demo,
-            registry: Registry::new(),
-            channels: Channels::new(),
+            registry: Registry::with_node(cluster.as_ref().map(|c| c.node)),
+            channels: Channels::with_emptied(emptied),
             metrics,
             callbacks,
+            cluster,
             draining: AtomicBool::new(false),
             admitted: AtomicUsize::new(0),
-        })
+        });
+        if let Some(cluster) = &gateway.cluster {
+            cluster.start(Arc::downgrade(&gateway));
+        }
+        gateway
     }
 
     pub fn is_draining(&self) -> bool {
@@ -138,6 +160,7 @@ impl Gateway {
                         gateway
                             .channels
                             .join(&stream, names.iter().map(String::as_str), limit)
+                            .map(|()| names)
                             .map_err(|_| ())
                     });
                     if joined.is_err() {
@@ -151,6 +174,10 @@ impl Gateway {
                         gateway.release();
                         let _ = answer_tx.send(Err(OpenError::InvalidChannels));
                         return;
+                    }
+                    if let (Some(cluster), Ok(names)) = (&gateway.cluster, &joined) {
+                        // Reachable by a publish through any node before the client hears 200.
+                        cluster.watch(names.iter().map(String::as_str)).await;
                     }
                     gateway
                         .metrics
@@ -236,14 +263,22 @@ impl Gateway {
             .filter(|stream| stream.is_accepted())
     }
 
+    /// The token and cluster when `token` is another node's; `None` for a local (or malformed)
+    /// one, and always on a single node.
+    fn remote(&self, token: &str) -> Option<(&Cluster, Token)> {
+        let cluster = self.cluster.as_deref()?;
+        let token = Token::parse(token)?;
+        (!cluster.is_local(token)).then_some((cluster, token))
+    }
+
     /// `/internal/send`: the event (if any) to one stream by token, then its end with `close`.
-    pub fn send(&self, send: &command::Send<'_>) -> Result<(), SendError> {
-        self.send_to(send, None)
+    pub async fn send(&self, send: &command::Send<'_>) -> Result<(), SendError> {
+        self.send_to(send, None).await
     }
 
     /// `/internal/publish`: one frame, encoded once, to every member of any listed channel, each
-    /// stream once. Returns how many streams it was queued or written on.
-    pub async fn publish(&self, publish: &command::Publish<'_>) -> usize {
+    /// stream once; in a cluster, on every node. Counts the streams it was queued or written on.
+    pub async fn publish(&self, publish: &command::Publish<'_>) -> Result<Published, ClusterError> {
         self.publish_to(publish, None).await
     }
 
@@ -260,19 +295,43 @@ impl Gateway {
         }
     }
 
-    fn send_to(
+    async fn send_to(
         &self,
         send: &command::Send<'_>,
         batch: Option<&mut Batch<'_>>,
     ) -> Result<(), SendError> {
-        let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
         let frame = send.event.as_ref().map(frame::encode);
-        match self.deliver(&stream, frame.as_ref(), send.close, batch) {
+        if let Some((cluster, token)) = self.remote(send.token) {
+            let rest: &[&[u8]] = match &frame {
+                Some(frame) => &[frame],
+                None => &[],
+            };
+            return match cluster
+                .ask(token, Ask::Send { close: send.close }, rest)
+                .await
+            {
+                Ok((Code::Ok, _)) => Ok(()),
+                Ok((Code::Overflowed, _)) => Err(SendError::Overflowed),
+                Ok(_) => Err(SendError::NotFound),
+                Err(err) => Err(SendError::Cluster(err)),
+            };
+        }
+        let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
+        self.send_local(&stream, frame.as_ref(), send.close, batch)
+    }
+
+    fn send_local(
+        &self,
+        stream: &Arc<Stream>,
+        frame: Option<&Bytes>,
+        close: bool,
+        batch: Option<&mut Batch<'_>>,
+    ) -> Result<(), SendError> {
+        match self.deliver(stream, frame, close, batch) {
             Ok(true) => {
                 log!(
                     Level::Debug,
-                    "send accepted (close={}) token={}",
-                    send.close,
+                    "send accepted (close={close}) token={}",
                     stream.token
                 );
                 Ok(())
@@ -285,13 +344,35 @@ impl Gateway {
     async fn publish_to(
         &self,
         publish: &command::Publish<'_>,
+        batch: Option<&mut Batch<'_>>,
+    ) -> Result<Published, ClusterError> {
+        let frame = publish.event.as_ref().map(frame::encode);
+        if let Some(cluster) = &self.cluster {
+            // Every node's members, this node's too, get the frame through Redis: a publish
+            // Redis refused delivered nothing anywhere (PROTOCOL §10).
+            return cluster
+                .publish(&publish.channels, frame.as_ref(), publish.close)
+                .await;
+        }
+        let delivered = self
+            .fan_out(&publish.channels, frame.as_ref(), publish.close, batch)
+            .await;
+        Ok(Published {
+            delivered: delivered as u64,
+            complete: true,
+        })
+    }
+
+    /// Delivers `frame` to this node's members of any of `names`, in chunks between yields.
+    async fn fan_out(
+        &self,
+        names: &[&str],
+        frame: Option<&Bytes>,
+        close: bool,
         mut batch: Option<&mut Batch<'_>>,
     ) -> usize {
-        let frame = publish.event.as_ref().map(frame::encode);
-        let members = self
-            .channels
-            .members_of_any(publish.channels.iter().copied());
-        let frame_len = frame.as_ref().map_or(0, Bytes::len).max(1);
+        let members = self.channels.members_of_any(names.iter().copied());
+        let frame_len = frame.map_or(0, Bytes::len).max(1);
         let chunk_len = FANOUT_CHUNK.min(FANOUT_CHUNK_BYTES / frame_len).max(1);
         let mut delivered = 0;
         for (i, chunk) in members.chunks(chunk_len).enumerate() {
@@ -303,10 +384,7 @@ impl Gateway {
             }
             for stream in chunk {
                 let batch = batch.as_deref_mut();
-                if matches!(
-                    self.deliver(stream, frame.as_ref(), publish.close, batch),
-                    Ok(true)
-                ) {
+                if matches!(self.deliver(stream, frame, close, batch), Ok(true)) {
                     delivered += 1;
                 }
             }
@@ -317,8 +395,7 @@ impl Gateway {
             .fetch_add(delivered as u64, Ordering::Relaxed);
         log!(
             Level::Debug,
-            "publish to {:?} delivered to {delivered} of {} streams",
-            publish.channels,
+            "publish to {names:?} delivered to {delivered} of {} streams",
             members.len()
         );
         delivered
@@ -326,27 +403,84 @@ impl Gateway {
 
     /// `/internal/subscribe`: all of the channels, or none if that would pass
     /// `MAX_CHANNELS_PER_STREAM`.
-    pub fn subscribe(&self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+    pub async fn subscribe(&self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+        if let Some((cluster, token)) = self.remote(change.token) {
+            return forward_membership(cluster, token, Ask::Subscribe, &change.channels).await;
+        }
         let stream = self
             .open_stream(change.token)
             .ok_or(MembershipError::NotFound)?;
-        self.channels
-            .join(
-                &stream,
-                change.channels.iter().copied(),
-                self.config.max_channels_per_stream,
-            )
+        self.join(&stream, &change.channels)
+            .await
             .map_err(MembershipError::TooManyChannels)
     }
 
     /// `/internal/unsubscribe`: leaving a channel not joined is not an error.
-    pub fn unsubscribe(&self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
+    pub async fn unsubscribe(
+        &self,
+        change: &command::Membership<'_>,
+    ) -> Result<(), MembershipError> {
+        if let Some((cluster, token)) = self.remote(change.token) {
+            return forward_membership(cluster, token, Ask::Unsubscribe, &change.channels).await;
+        }
         let stream = self
             .open_stream(change.token)
             .ok_or(MembershipError::NotFound)?;
         self.channels
             .leave(&stream, change.channels.iter().copied());
         Ok(())
+    }
+
+    /// Joins `names` and, in a cluster, returns once a publish through any node reaches them.
+    async fn join(&self, stream: &Arc<Stream>, names: &[&str]) -> Result<(), TooManyChannels> {
+        self.channels.join(
+            stream,
+            names.iter().copied(),
+            self.config.max_channels_per_stream,
+        )?;
+        if let Some(cluster) = &self.cluster {
+            cluster.watch(names.iter().copied()).await;
+        }
+        Ok(())
+    }
+
+    /// A request another node forwarded for one of this node's tokens (PROTOCOL §10), applied as
+    /// the same request made here would be; the answer goes back to that node.
+    pub(crate) async fn apply_forwarded(&self, token: Token, ask: Ask, rest: Bytes) -> (Code, u64) {
+        let Some(stream) = self.registry.get(token).filter(|s| s.is_accepted()) else {
+            return (Code::NotFound, 0);
+        };
+        match ask {
+            Ask::Send { close } => {
+                let frame = (!rest.is_empty()).then(|| rest.clone());
+                match self.send_local(&stream, frame.as_ref(), close, None) {
+                    Ok(()) => (Code::Ok, 0),
+                    Err(SendError::Overflowed) => (Code::Overflowed, 0),
+                    Err(_) => (Code::NotFound, 0),
+                }
+            }
+            Ask::Subscribe => {
+                let names: Vec<&str> = message::names(&rest).collect();
+                match self.join(&stream, &names).await {
+                    Ok(()) => (Code::Ok, 0),
+                    Err(TooManyChannels { limit }) => (Code::TooManyChannels, limit as u64),
+                }
+            }
+            Ask::Unsubscribe => {
+                self.channels.leave(&stream, message::names(&rest));
+                (Code::Ok, 0)
+            }
+        }
+    }
+
+    /// A publish that reached this node through Redis: its members of any of `names`.
+    pub(crate) async fn deliver_published(
+        &self,
+        names: &[&str],
+        frame: Option<Bytes>,
+        close: bool,
+    ) -> usize {
+        self.fan_out(names, frame.as_ref(), close, None).await
     }
 
     /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
@@ -422,6 +556,26 @@ impl Gateway {
     }
 }
 
+/// A subscribe or unsubscribe for another node's token: that node's answer.
+async fn forward_membership(
+    cluster: &Cluster,
+    token: Token,
+    ask: Ask,
+    names: &[&str],
+) -> Result<(), MembershipError> {
+    let names: Vec<&[u8]> = names.iter().map(|name| name.as_bytes()).collect();
+    match cluster.ask(token, ask, &names).await {
+        Ok((Code::Ok, _)) => Ok(()),
+        Ok((Code::TooManyChannels, limit)) => {
+            Err(MembershipError::TooManyChannels(TooManyChannels {
+                limit: limit as usize,
+            }))
+        }
+        Ok(_) => Err(MembershipError::NotFound),
+        Err(err) => Err(MembershipError::Cluster(err)),
+    }
+}
+
 /// The channels a 2xx connect answer asks for (PROTOCOL §8): none for an empty or non-JSON body or
 /// an object without `channels`; `Err` for a `channels` value that is not an array of valid names.
 fn connect_channels(answer: &[u8]) -> Result<Vec<String>, ()> {
@@ -454,22 +608,31 @@ pub struct Batch<'g> {
 }
 
 impl Batch<'_> {
-    pub fn send(&mut self, send: &command::Send<'_>) -> Result<(), SendError> {
+    pub async fn send(&mut self, send: &command::Send<'_>) -> Result<(), SendError> {
         let gateway = self.gateway;
-        gateway.send_to(send, Some(self))
+        gateway.send_to(send, Some(self)).await
     }
 
-    pub async fn publish(&mut self, publish: &command::Publish<'_>) -> usize {
+    pub async fn publish(
+        &mut self,
+        publish: &command::Publish<'_>,
+    ) -> Result<Published, ClusterError> {
         let gateway = self.gateway;
         gateway.publish_to(publish, Some(self)).await
     }
 
-    pub fn subscribe(&mut self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
-        self.gateway.subscribe(change)
+    pub async fn subscribe(
+        &mut self,
+        change: &command::Membership<'_>,
+    ) -> Result<(), MembershipError> {
+        self.gateway.subscribe(change).await
     }
 
-    pub fn unsubscribe(&mut self, change: &command::Membership<'_>) -> Result<(), MembershipError> {
-        self.gateway.unsubscribe(change)
+    pub async fn unsubscribe(
+        &mut self,
+        change: &command::Membership<'_>,
+    ) -> Result<(), MembershipError> {
+        self.gateway.unsubscribe(change).await
     }
 
     /// Called between items: once a chunk's worth of frames is queued (as a fan-out counts

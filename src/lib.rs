@@ -16,6 +16,8 @@
 //!   batch that writes each stream's frames once.
 //! - [`registry`]: the sharded slab of open streams, addressed by token.
 //! - [`channels`]: named channels' members, for one-request fan-out.
+//! - [`cluster`]: with `REDIS_URL`, the other gateways of the deployment through Redis: requests for
+//!   their tokens, publishes to every node's members, this node's channel interest.
 //! - [`token`]: UUID v4 tokens that carry their registry address.
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
@@ -33,6 +35,7 @@ pub mod body;
 pub mod callback;
 pub mod channels;
 pub mod cli;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod connection;

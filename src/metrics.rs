@@ -197,6 +197,43 @@ impl Metrics {
     }
 }
 
+/// What a node of a cluster adds to the metrics (PROTOCOL §10); absent on a single node.
+pub struct ClusterGauges {
+    pub nodes: usize,
+    pub redis_up: bool,
+    /// Requests this node forwarded through Redis, by kind.
+    pub forwarded: [(&'static str, u64); 3],
+}
+
+impl ClusterGauges {
+    pub fn render(&self, out: &mut String) {
+        family(
+            out,
+            "sse_gateway_cluster_nodes",
+            "gauge",
+            "Gateways in the deployment, as Redis last listed them.",
+            "",
+            [("", self.nodes as u64)],
+        );
+        family(
+            out,
+            "sse_gateway_redis_up",
+            "gauge",
+            "1 while this node is joined to Redis, else 0.",
+            "",
+            [("", u64::from(self.redis_up))],
+        );
+        family(
+            out,
+            "sse_gateway_cluster_forwarded_total",
+            "counter",
+            "Requests this node forwarded to other nodes through Redis, by kind.",
+            "kind",
+            self.forwarded,
+        );
+    }
+}
+
 /// One metric family: its HELP and TYPE lines, then a sample per `(label value, value)`; with an
 /// empty `label` name, the one unlabelled sample.
 fn family(

@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::stream::Stream;
-use crate::token::{Token, ADDRESS_BITS};
+use crate::token::{Token, ADDRESS_BITS, NODE_BITS};
 
 /// 64 shards keep two contending threads (a send and the heartbeat sweep, say) on different locks
 /// almost always, at 64 × ~40 B of fixed cost.
@@ -40,8 +40,11 @@ pub const SHARD_BITS: u32 = 6;
 pub const SHARDS: usize = 1 << SHARD_BITS;
 /// Slots visited per lock acquisition by the heartbeat sweep: ~256 × 40 ns ≈ 10 µs of lock hold.
 const SWEEP_RUN: usize = 256;
-/// Slots per shard the token can address: 2^26 × 64 shards = 4 billion streams, far past any fd limit.
-const MAX_SLOTS: usize = 1 << (ADDRESS_BITS - SHARD_BITS);
+/// Slots per shard the token can address: 2^26 × 64 shards = 4 billion streams, far past any fd limit;
+/// in a cluster, where the node number takes 8 of the 32 bits, 2^18 × 64 = 16 million per node.
+const fn max_slots(address_bits: u32) -> usize {
+    1 << (address_bits - SHARD_BITS)
+}
 
 pub struct Registry {
     shards: Box<[Mutex<Slab<Arc<Stream>>>]>,
@@ -50,6 +53,8 @@ pub struct Registry {
     len: AtomicUsize,
     /// Keys of the permutation that hides slot numbers in tokens (see [`AddressCipher`]).
     cipher: AddressCipher,
+    /// In a cluster, this node's number in the address's top bits (PROTOCOL §10, [`Token::node`]).
+    node: Option<u8>,
 }
 
 impl Default for Registry {
@@ -60,11 +65,21 @@ impl Default for Registry {
 
 impl Registry {
     pub fn new() -> Registry {
+        Registry::with_node(None)
+    }
+
+    /// A registry whose tokens name `node` as their issuer, when it is one node of a cluster.
+    pub fn with_node(node: Option<u8>) -> Registry {
+        let address_bits = match node {
+            Some(_) => ADDRESS_BITS - NODE_BITS,
+            None => ADDRESS_BITS,
+        };
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(Slab::new())).collect(),
             next_shard: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
-            cipher: AddressCipher::random(),
+            cipher: AddressCipher::random(address_bits / 2),
+            node,
         }
     }
 
@@ -75,12 +90,15 @@ impl Registry {
         let shard_index = self.next_shard.fetch_add(1, Ordering::Relaxed) % SHARDS;
         let mut shard = self.shards[shard_index].lock();
         let entry = shard.vacant_entry();
-        if entry.key() >= MAX_SLOTS {
+        if entry.key() >= max_slots(self.cipher.bits()) {
             return None;
         }
-        let address = self
+        let mut address = self
             .cipher
             .encrypt((entry.key() as u32) << SHARD_BITS | shard_index as u32);
+        if let Some(node) = self.node {
+            address |= u32::from(node) << (ADDRESS_BITS - NODE_BITS);
+        }
         let stream = Arc::new(Stream::new(random.with_address(address), request));
         entry.insert(stream.clone());
         drop(shard);
@@ -145,7 +163,8 @@ impl Registry {
     }
 
     fn split(&self, token: Token) -> (usize, usize) {
-        let address = self.cipher.decrypt(token.address()) as usize;
+        let mask = u32::MAX >> (ADDRESS_BITS - self.cipher.bits());
+        let address = self.cipher.decrypt(token.address() & mask) as usize;
         (address & (SHARDS - 1), address >> SHARD_BITS)
     }
 
@@ -159,42 +178,54 @@ impl Registry {
     }
 }
 
-/// A keyed permutation of 32-bit addresses (a 4-round Feistel network over 16-bit halves), so tokens
-/// issued one after another share no visible prefix and do not reveal slot numbers or stream counts.
-/// It is obfuscation, not the tokens' security: that rests on the 90 random bits and the full compare.
+/// A keyed permutation of 32-bit addresses (24-bit in a cluster: a 4-round Feistel network over
+/// 16- or 12-bit halves), so tokens issued one after another share no visible prefix and do not
+/// reveal slot numbers or stream counts. It is obfuscation, not the tokens' security: that rests on
+/// the 90 random bits and the full compare.
 struct AddressCipher {
     keys: [u32; 4],
+    half_bits: u32,
 }
 
 impl AddressCipher {
-    fn random() -> AddressCipher {
+    fn random(half_bits: u32) -> AddressCipher {
         let mut bytes = [0u8; 16];
         getrandom::getrandom(&mut bytes).expect("the OS CSPRNG is available");
         let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
         AddressCipher {
             keys: [word(0), word(1), word(2), word(3)],
+            half_bits,
         }
     }
 
-    fn round(half: u32, key: u32) -> u32 {
+    /// Width of the addresses it permutes.
+    fn bits(&self) -> u32 {
+        self.half_bits * 2
+    }
+
+    fn half_mask(&self) -> u32 {
+        (1 << self.half_bits) - 1
+    }
+
+    fn round(&self, half: u32, key: u32) -> u32 {
         let x = (half ^ key).wrapping_mul(0x9E37_79B1);
-        (x ^ (x >> 15)) & 0xFFFF
+        (x ^ (x >> 15)) & self.half_mask()
     }
 
     fn encrypt(&self, address: u32) -> u32 {
-        let (mut left, mut right) = (address >> 16, address & 0xFFFF);
+        let (mut left, mut right) = (address >> self.half_bits, address & self.half_mask());
         for &key in &self.keys {
-            (left, right) = (right, left ^ Self::round(right, key));
+            (left, right) = (right, left ^ self.round(right, key));
         }
-        left << 16 | right
+        left << self.half_bits | right
     }
 
     fn decrypt(&self, address: u32) -> u32 {
-        let (mut left, mut right) = (address >> 16, address & 0xFFFF);
+        let (mut left, mut right) = (address >> self.half_bits, address & self.half_mask());
         for &key in self.keys.iter().rev() {
-            (left, right) = (right ^ Self::round(left, key), left);
+            (left, right) = (right ^ self.round(left, key), left);
         }
-        left << 16 | right
+        left << self.half_bits | right
     }
 }
 
@@ -267,18 +298,38 @@ mod tests {
 
     #[test]
     fn the_address_cipher_is_a_permutation() {
-        let cipher = AddressCipher::random();
-        let mut rng = XorShift(42);
-        for _ in 0..100_000 {
-            let a = rng.next() as u32;
-            assert_eq!(cipher.decrypt(cipher.encrypt(a)), a);
+        for half_bits in [16, 12] {
+            let cipher = AddressCipher::random(half_bits);
+            let mask = u32::MAX >> (32 - cipher.bits());
+            let mut rng = XorShift(42);
+            for _ in 0..100_000 {
+                let a = rng.next() as u32 & mask;
+                assert!(cipher.encrypt(a) <= mask);
+                assert_eq!(cipher.decrypt(cipher.encrypt(a)), a);
+            }
+            let first: Vec<u32> = (0..64).map(|a| cipher.encrypt(a) >> half_bits).collect();
+            let distinct: std::collections::HashSet<_> = first.iter().collect();
+            assert!(
+                distinct.len() > 48,
+                "consecutive addresses scatter: {first:?}"
+            );
         }
-        let first: Vec<u32> = (0..64).map(|a| cipher.encrypt(a) >> 16).collect();
-        let distinct: std::collections::HashSet<_> = first.iter().collect();
-        assert!(
-            distinct.len() > 48,
-            "consecutive addresses scatter: {first:?}"
-        );
+    }
+
+    #[test]
+    fn a_cluster_node_names_itself_in_every_token() {
+        for node in [0, 1, 200, 255] {
+            let registry = Registry::with_node(Some(node));
+            let streams: Vec<_> = (0..300)
+                .map(|_| registry.insert(Bytes::new()).unwrap())
+                .collect();
+            for stream in &streams {
+                assert_eq!(stream.token.node(), node);
+                assert!(Arc::ptr_eq(&registry.get(stream.token).unwrap(), stream));
+            }
+            let other = Registry::with_node(Some(node.wrapping_add(1)));
+            assert!(other.get(streams[0].token).is_none());
+        }
     }
 
     /// The sweep against a naive reference: after random inserts, removes, sends and drains, one

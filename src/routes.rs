@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use crate::body::{Handoff, ResponseBody, StreamBody};
 use crate::callback::{capture_request, Outcome};
 use crate::channels::TooManyChannels;
+use crate::cluster::{ClusterError, Published};
 use crate::command::{self, Operation};
 use crate::connection::Refusal;
 use crate::gateway::{Batch, Gateway, MembershipError, OpenError, SendError};
@@ -97,19 +98,28 @@ impl Routes {
         }
     }
 
+    /// Ready: configured, not draining, and in a cluster joined to Redis (PROTOCOL §7, §10).
     fn readyz(&self) -> Answer {
         let configured = self.gateway.callbacks.is_some();
-        if self.gateway.is_draining() {
-            let body = format!(r#"{{"status":"draining","configured":{configured}}}"#);
-            json_owned(StatusCode::SERVICE_UNAVAILABLE, body)
-        } else if configured {
-            json(StatusCode::OK, r#"{"status":"ready","configured":true}"#)
+        let redis = self.gateway.cluster.as_ref().map(|c| c.is_up());
+        let status = if self.gateway.is_draining() {
+            "draining"
+        } else if configured && redis != Some(false) {
+            "ready"
         } else {
-            json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                r#"{"status":"not_ready","configured":false}"#,
-            )
-        }
+            "not_ready"
+        };
+        let code = match status {
+            "ready" => StatusCode::OK,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let body = match redis {
+            None => format!(r#"{{"status":"{status}","configured":{configured}}}"#),
+            Some(redis) => {
+                format!(r#"{{"status":"{status}","configured":{configured},"redis":{redis}}}"#)
+            }
+        };
+        json_owned(code, body)
     }
 
     fn metrics(&self) -> Answer {
@@ -118,9 +128,13 @@ impl Routes {
             .callbacks
             .as_ref()
             .map_or([0, 0], |c| [c.connects_waiting(), c.disconnects_queued()]);
-        let text = gateway
-            .metrics
-            .render(gateway.registry.len(), gateway.channels.len(), queue);
+        let mut text =
+            gateway
+                .metrics
+                .render(gateway.registry.len(), gateway.channels.len(), queue);
+        if let Some(cluster) = &gateway.cluster {
+            cluster.gauges().render(&mut text);
+        }
         let mut answer = Response::new(ResponseBody::Full(Some(Bytes::from(text))));
         answer.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -270,8 +284,8 @@ async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::O
     match operation {
         Operation::Send => match command::send(object) {
             Ok(send) => send_reply(match target {
-                Target::Gateway(gateway) => gateway.send(&send),
-                Target::Batch(batch) => batch.send(&send),
+                Target::Gateway(gateway) => gateway.send(&send).await,
+                Target::Batch(batch) => batch.send(&send).await,
             }),
             Err(message) => Reply::invalid(message),
         },
@@ -284,10 +298,12 @@ async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::O
         },
         Operation::Subscribe | Operation::Unsubscribe => match command::membership(object) {
             Ok(change) => membership_reply(match (target, operation) {
-                (Target::Gateway(gateway), Operation::Subscribe) => gateway.subscribe(&change),
-                (Target::Gateway(gateway), _) => gateway.unsubscribe(&change),
-                (Target::Batch(batch), Operation::Subscribe) => batch.subscribe(&change),
-                (Target::Batch(batch), _) => batch.unsubscribe(&change),
+                (Target::Gateway(gateway), Operation::Subscribe) => {
+                    gateway.subscribe(&change).await
+                }
+                (Target::Gateway(gateway), _) => gateway.unsubscribe(&change).await,
+                (Target::Batch(batch), Operation::Subscribe) => batch.subscribe(&change).await,
+                (Target::Batch(batch), _) => batch.unsubscribe(&change).await,
             }),
             Err(message) => Reply::invalid(message),
         },
@@ -303,14 +319,25 @@ fn send_reply(result: Result<(), SendError>) -> Reply {
             StatusCode::INTERNAL_SERVER_ERROR,
             "Write failed: connection closed",
         ),
+        Err(SendError::Cluster(err)) => Reply::cluster(err),
     }
 }
 
-/// `/internal/publish` (PROTOCOL §8).
-fn publish_reply(delivered: usize) -> Reply {
-    Reply {
-        status: StatusCode::OK,
-        body: Bytes::from(format!(r#"{{"status":"ok","delivered":{delivered}}}"#)),
+/// `/internal/publish` (PROTOCOL §8, §10: `complete:false` only when some node did not answer).
+fn publish_reply(result: Result<Published, ClusterError>) -> Reply {
+    match result {
+        Ok(Published {
+            delivered,
+            complete,
+        }) => Reply {
+            status: StatusCode::OK,
+            body: Bytes::from(if complete {
+                format!(r#"{{"status":"ok","delivered":{delivered}}}"#)
+            } else {
+                format!(r#"{{"status":"ok","delivered":{delivered},"complete":false}}"#)
+            }),
+        },
+        Err(err) => Reply::cluster(err),
     }
 }
 
@@ -325,6 +352,7 @@ fn membership_reply(result: Result<(), MembershipError>) -> Reply {
                 "Invalid request: a stream may be in at most {limit} channels (MAX_CHANNELS_PER_STREAM); nothing was changed"
             ),
         ),
+        Err(MembershipError::Cluster(err)) => Reply::cluster(err),
     }
 }
 
@@ -355,6 +383,16 @@ impl Reply {
         Reply {
             status,
             body: Bytes::from(body),
+        }
+    }
+
+    /// PROTOCOL §10: Redis unreachable (503, nothing delivered) or a holder that did not answer.
+    fn cluster(err: ClusterError) -> Reply {
+        match err {
+            ClusterError::Unavailable => {
+                Reply::error(StatusCode::SERVICE_UNAVAILABLE, "Cluster unavailable")
+            }
+            ClusterError::Timeout => Reply::error(StatusCode::GATEWAY_TIMEOUT, "Cluster timeout"),
         }
     }
 

@@ -19,6 +19,7 @@ use hyper::server::conn::http1;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
+use crate::cluster::Cluster;
 use crate::config::{
     Config, ENV_CALLBACK_URL, ENV_HOST, ENV_INTERNAL_HOST, ENV_INTERNAL_INSECURE,
     ENV_INTERNAL_PORT, ENV_PORT,
@@ -111,7 +112,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let grace = config.shutdown_grace;
-    let gateway = Gateway::new(config, demo);
+    let cluster = match &config.redis_url {
+        Some(url) => match Cluster::new(url, &config).await {
+            Ok(cluster) => Some(cluster),
+            Err(message) => {
+                log!(Level::Error, "{message}");
+                std::process::exit(2);
+            }
+        },
+        None => None,
+    };
+    let gateway = Gateway::new(config, demo, cluster);
     let heartbeat = tokio::spawn(crate::heartbeat::run(gateway.clone()));
     // Every connection task and stream writer holds a receiver: `closed()` is "all of them are gone".
     let (drain, drain_rx) = watch::channel(false);

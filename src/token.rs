@@ -6,12 +6,18 @@
 //! memory; the whole 128-bit token is still compared on lookup, and the 90 bits left random are what a
 //! guesser faces (a stale token whose slot was reused never matches).
 //!
+//! In a cluster (PROTOCOL §10) the address field's top `NODE_BITS` name the node that issued the
+//! token, in the clear, so any node can route a token without asking Redis; the registry then
+//! addresses its streams with the 24 bits left.
+//!
 //! It must not decide shard counts or slot policy: the registry says which (shard, slot) to encode.
 
 use std::fmt;
 
 /// Bits of the address field: the shard in the low `SHARD_BITS`, the slot above it.
 pub const ADDRESS_BITS: u32 = 32;
+/// Bits of the address field that name the issuing node, in a cluster.
+pub const NODE_BITS: u32 = 8;
 const ADDRESS_SHIFT: u32 = 128 - ADDRESS_BITS;
 const VERSION_MASK: u128 = 0xF << 76;
 const VERSION_4: u128 = 0x4 << 76;
@@ -37,6 +43,20 @@ impl Token {
 
     pub fn address(self) -> u32 {
         (self.0 >> ADDRESS_SHIFT) as u32
+    }
+
+    /// The issuing node, in a cluster: the address field's top `NODE_BITS`.
+    pub fn node(self) -> u8 {
+        (self.address() >> (ADDRESS_BITS - NODE_BITS)) as u8
+    }
+
+    /// The 16 bytes of the UUID, for node-to-node messages (PROTOCOL §10).
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    pub fn from_bytes(bytes: [u8; 16]) -> Token {
+        Token(u128::from_be_bytes(bytes))
     }
 
     /// Parses the canonical 36-character form; upper-case hex is accepted as RFC 4122 asks.
