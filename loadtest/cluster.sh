@@ -5,6 +5,8 @@
 #
 #   loadtest/cluster.sh [--runs 3] [--only publish18k,cross,density] [--duration 30] [--nodes 3] [--out DIR]
 #   loadtest/cluster.sh --quick          # smoke check: 1 run, 5 s of sends, two density steps (~2 min)
+#   --quiet-wait S: before each run wait up to S s for a second with the machine <= 15 % busy (a shared
+#   machine: other people's builds move latency percentiles most); each run's log and line carry loadavg.
 #
 # Scenarios (names for --only; `local` is extra, not in the default set):
 #   publish18k  one publish to 18k streams: one gateway vs 18k spread over --nodes (publish via node 0)
@@ -25,6 +27,8 @@ ONLY="publish18k,cross,density"
 DURATION=30
 NODES=3
 QUICK=0
+QUIET_WAIT=0
+QUIET_BUSY=15
 OUT=${OUT:-/tmp/sse-cluster.$$}
 TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
@@ -41,7 +45,8 @@ while [ $# -gt 0 ]; do
     --nodes) NODES=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --quick) QUICK=1; RUNS=1; DURATION=5; shift ;;
-    *) echo "usage: $0 [--runs N] [--only publish18k,cross,density,local] [--duration S] [--nodes N] [--out DIR] [--quick]" >&2; exit 2 ;;
+    --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--only publish18k,cross,density,local] [--duration S] [--nodes N] [--out DIR] [--quick] [--quiet-wait S]" >&2; exit 2 ;;
   esac
 done
 [ -x "$REDIS_BIN" ] || { echo "$REDIS_BIN missing: apt-get install redis-server" >&2; exit 2; }
@@ -59,18 +64,44 @@ fi
   echo "kernel $(uname -r)"
   echo "redis $("$REDIS_BIN" --version)"
   echo "gateway $GATEWAY_BIN ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
-  echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK"
+  echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK quiet_wait=$QUIET_WAIT"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
+
+# busy_pct: share of both CPUs busy over the next second (/proc/stat), all processes.
+busy_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+  echo $(( total > 0 ? 100 - 100 * idle / total : 0 ))
+}
+
+# quiet: with --quiet-wait S, wait up to S s for a second in which the machine is at most
+# QUIET_BUSY % busy (other people's builds on a shared machine), and say what was found.
+quiet() {
+  [ "$QUIET_WAIT" -gt 0 ] || return 0
+  local t0=$SECONDS b
+  while :; do
+    b=$(busy_pct)
+    [ "$b" -le "$QUIET_BUSY" ] && { echo "   (machine ${b}% busy after $((SECONDS - t0)) s of waiting)"; return 0; }
+    [ $((SECONDS - t0)) -ge "$QUIET_WAIT" ] && { echo "   (machine still ${b}% busy after ${QUIET_WAIT} s: running anyway)"; return 0; }
+    sleep 2
+  done
+}
 
 # run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
 run() {
   local name=$1 side=$2 n=$3; shift 4
   local log="$OUT/$name.$side.$n.log"
-  local t0=$SECONDS
+  quiet
+  local t0=$SECONDS load0
+  load0=$(cut -d' ' -f1-3 /proc/loadavg)
+  echo "loadavg before: $load0" > "$log"
   timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" --redis-bin "$REDIS_BIN" \
-    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 > "$log" 2>&1 || true
-  echo "== $name $side run $n ($((SECONDS - t0)) s): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
+    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 >> "$log" 2>&1 || true
+  echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$log"
+  echo "== $name $side run $n ($((SECONDS - t0)) s, loadavg $load0 -> $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
   grep -E '^SUMMARY' "$log" >> "$OUT/$name.$side.summaries" || true
 }
 
