@@ -111,6 +111,11 @@ pair("publish18k", "  delivered per publish (answer's `delivered`, min over roun
      lambda s: min(r["delivered"] for r in s["broadcast"]["per_round"]), ratio=False)
 pair("publish18k", "  missing deliveries (all rounds)", lambda s: s["broadcast"]["missing"], ratio=False)
 pair("publish18k", "  CPU µs per delivered frame (all gateways + redis)", lambda s: s["broadcast"]["cpu_us_per_event"])
+pair("publish18k", "  unrelated sends during the publish rounds (200/s; cluster: cross-node), p99 ms",
+     lambda s: s["broadcast"]["probe"]["during_rounds"]["p99_us"] / 1000)
+pair("publish18k", "  same, max ms", lambda s: s["broadcast"]["probe"]["during_rounds"]["max_us"] / 1000)
+pair("publish18k", "  same, sends completed during rounds", lambda s: s["broadcast"]["probe"]["during_rounds"]["n"],
+     ratio=False)
 pair("cross", "2k sends/s to 1k streams: sends accepted", lambda s: s["unicast"]["accepted"], ratio=False)
 pair("cross", "  lost (accepted, never delivered)", lambda s: s["unicast"]["lost"], "0 lost",
      lambda a, b: b == 0, ratio=False, need=sends_ok)

@@ -9,14 +9,16 @@
 #   machine: other people's builds move latency percentiles most); each run's log and line carry loadavg.
 #
 # Scenarios (names for --only; `local` is extra, not in the default set):
-#   publish18k  one publish to 18k streams: one gateway vs 18k spread over --nodes (publish via node 0)
+#   publish18k  one publish to 18k streams: one gateway vs 18k spread over --nodes (publish via node 0);
+#               200 probe sends/s to random tokens meanwhile (cluster: through a node not holding the token)
 #   cross       2k sends/s for --duration s to 1k streams: local sends on one gateway vs sends through a
 #               node that does not hold the token (--via other) on --nodes; CPU of all gateways + Redis
 #   density     memory per idle stream (Pss slope 1k -> 18k): REDIS_URL unset vs set (--cluster 1)
 #   local       as cross's cluster side, but each send goes to the node holding the token (--via holder):
 #               what REDIS_URL costs a send that stays local (compared with cross's single side)
 # Pinning as the single-node figures (BENCHMARKS.md §1): every gateway (WORKER_THREADS=1) and
-# redis-server on CPU 0, sse-load on CPU 1. Every sse-load run is bounded (its own deadlines) and
+# redis-server on CPU 0, sse-load on CPU 1. GATEWAY_COMMIT names the binary's commit in machine.txt
+# (default: this checkout's HEAD). Every sse-load run is bounded (its own deadlines) and
 # wrapped in `timeout`; sse-load starts and stops Redis and the gateways itself. Needs:
 # cargo build --release -p sse-gateway -p sse-load, and /usr/bin/redis-server (Debian redis-server).
 set -euo pipefail
@@ -63,7 +65,7 @@ fi
   echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
   echo "kernel $(uname -r)"
   echo "redis $("$REDIS_BIN" --version)"
-  echo "gateway $GATEWAY_BIN ($(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?'))"
+  echo "gateway $GATEWAY_BIN (built from ${GATEWAY_COMMIT:-$(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?')})"
   echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK quiet_wait=$QUIET_WAIT"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
@@ -108,11 +110,11 @@ run() {
 want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 UNI="unicast -n 1000 -c 8 --rate 2000 --duration $DURATION"
-PUB="broadcast -n 18000 --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10"
+PUB="broadcast -n 18000 --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10 --probe-rate 200"
 for n in $(seq "$RUNS"); do
   if want publish18k; then
     run publish18k single "$n" -- $PUB
-    run publish18k cluster "$n" -- $PUB --cluster "$NODES"
+    run publish18k cluster "$n" -- $PUB --cluster "$NODES" --via other
   fi
   if want cross; then
     run cross single "$n" -- $UNI
