@@ -268,7 +268,10 @@ impl Gateway {
     fn remote(&self, token: &str) -> Option<(&Cluster, Token)> {
         let cluster = self.cluster.as_deref()?;
         let token = Token::parse(token)?;
-        (!cluster.is_local(token)).then_some((cluster, token))
+        let remote = !cluster.is_local(token)
+            // A node that shares this node's number may hold what is not here.
+            || (cluster.is_shared() && self.registry.get(token).is_none());
+        remote.then_some((cluster, token))
     }
 
     /// `/internal/send`: the event (if any) to one stream by token, then its end with `close`.

@@ -222,6 +222,14 @@ pub fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
     })
 }
 
+/// A Redis URL fit for a log line: its `user:password@` part masked.
+fn without_password(url: &str) -> String {
+    match url.split_once("://").zip(url.rfind('@')) {
+        Some(((scheme, _), at)) => format!("{scheme}://***{}", &url[at..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Logs the start-up lines: listener addresses, settings, and what a setting leaves unserved or open.
 pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     // The addresses are printed whatever LOG_LEVEL says: with PORT=0 they are the only way to
@@ -240,7 +248,7 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     }
     log!(
         Level::Info,
-        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={} max_batch_items={}",
+        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={} max_batch_items={} redis_url={} cluster_timeout_ms={}",
         config.callback_url.as_ref().map_or("(unset)", |u| u.raw.as_str()),
         config.callback_timeout.as_millis(),
         config.heartbeat_interval.as_secs(),
@@ -258,6 +266,8 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
         config.callback_retry.as_secs(),
         u8::from(config.internal_insecure),
         config.max_batch_items,
+        config.redis_url.as_deref().map_or("(unset)".into(), without_password),
+        config.cluster_timeout.as_millis(),
     );
     if config.callback_url.is_none() {
         log!(
@@ -276,4 +286,24 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redis_passwords_stay_out_of_the_log() {
+        use super::without_password;
+        assert_eq!(
+            without_password("redis://127.0.0.1:6379/1"),
+            "redis://127.0.0.1:6379/1"
+        );
+        assert_eq!(
+            without_password("redis://user:s3cret@10.0.0.1:6379"),
+            "redis://***@10.0.0.1:6379"
+        );
+        assert_eq!(
+            without_password("redis://:p@ss@host:1"),
+            "redis://***@host:1"
+        );
+    }
 }

@@ -3,12 +3,14 @@
 //!   `_bucket`, `_sum` and `_count` series count as the histogram), and the dashboard imports
 //!   anywhere (its data source is a variable, never a fixed uid);
 //! - README's metrics table lists exactly the exported metrics, with their types and labels.
+//!
+//! Both scrape a gateway joined to a real Redis, so the cluster's metrics are among them.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::Gateway;
+use common::{Gateway, Redis};
 use serde_json::Value;
 
 const DASHBOARD: &str = include_str!("../deploy/grafana/sse-gateway.json");
@@ -237,7 +239,12 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         .flat_map(|e| metric_names(e))
         .collect();
 
-    let gw = Gateway::builder().env("INTERNAL_PORT", "0").spawn().await;
+    let redis = Redis::start().await;
+    let gw = Gateway::builder()
+        .env("INTERNAL_PORT", "0")
+        .env("REDIS_URL", redis.url())
+        .spawn()
+        .await;
     let scrape = gw.metrics().await;
     let types = families(&scrape.text);
     let mut missing = Vec::new();
@@ -297,7 +304,12 @@ fn readme_metrics() -> BTreeMap<String, (String, BTreeSet<String>)> {
 
 #[tokio::test]
 async fn readme_documents_every_exported_metric_with_its_type_and_labels() {
-    let gw = Gateway::builder().spawn().await;
+    // Joined to a Redis, so the cluster's metrics (PROTOCOL §10) are exported too.
+    let redis = Redis::start().await;
+    let gw = Gateway::builder()
+        .env("REDIS_URL", redis.url())
+        .spawn()
+        .await;
     let scrape = gw.metrics().await;
     let exported: BTreeMap<String, (String, BTreeSet<String>)> = families(&scrape.text)
         .into_iter()

@@ -1,11 +1,11 @@
 //! Unit tests of the test harness itself: the WHATWG SSE parser, the chunked decoder, the HTTP
-//! head parser and the small format checkers. No gateway is started here.
+//! head parser, the small format checkers and the Redis helper. No gateway is started here.
 
 mod common;
 
 use common::http::{parse_head, ChunkedDecoder};
 use common::sse::{events, parse_all, Event, Item, Parser};
-use common::{is_log_line, is_rfc3339, is_uuid_v4, Metrics};
+use common::{is_log_line, is_rfc3339, is_uuid_v4, Metrics, Redis};
 
 fn ev(event: &str, data: &str, id: &str) -> Event {
     Event {
@@ -303,4 +303,58 @@ fn format_checkers() {
         m.get("h_bucket", &[("action", "connect"), ("le", "+Inf")]),
         Some(5.0)
     );
+}
+
+/// The Redis helper itself: a real redis-server on a free port that answers PING, keeps no data
+/// across a restart on the same port, and stops answering while paused.
+#[tokio::test]
+async fn redis_helper_starts_pauses_kills_and_restarts_on_the_same_port() {
+    use std::time::Duration;
+    let mut redis = Redis::start().await;
+    let port = redis.addr.port();
+    assert_eq!(redis.url(), format!("redis://127.0.0.1:{port}"));
+    assert_eq!(redis.command(&["SET", "k", "v"]).await, "+OK");
+    assert_eq!(redis.command(&["GET", "k"]).await, "v");
+
+    redis.pause();
+    assert!(
+        !redis.ping(Duration::from_millis(300)).await,
+        "paused: no PONG"
+    );
+    redis.resume();
+    assert!(redis.ping(Duration::from_secs(2)).await, "resumed: PONG");
+
+    redis.kill().await;
+    assert!(
+        !redis.ping(Duration::from_millis(300)).await,
+        "killed: no PONG"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(redis.addr).await.is_err(),
+        "killed: the port is closed"
+    );
+    redis.restart().await;
+    assert_eq!(redis.addr.port(), port);
+    assert!(redis.ping(Duration::from_secs(2)).await);
+    assert_eq!(redis.command(&["GET", "k"]).await, "$-1", "no persistence");
+}
+
+#[tokio::test]
+async fn redis_helper_reads_whole_resp_replies() {
+    use common::redis::Resp;
+    let redis = Redis::start().await;
+    assert_eq!(redis.command(&["RPUSH", "l", "a", "", "c"]).await, ":3");
+    assert_eq!(
+        redis.query(&["LRANGE", "l", "0", "-1"]).await,
+        Resp::Array(Some(vec![
+            Resp::Bulk(Some("a".into())),
+            Resp::Bulk(Some(String::new())),
+            Resp::Bulk(Some("c".into())),
+        ]))
+    );
+    assert_eq!(
+        redis.query(&["PUBSUB", "NUMSUB", "nobody"]).await,
+        Resp::Array(Some(vec![Resp::Bulk(Some("nobody".into())), Resp::Int(0)]))
+    );
+    assert!(redis.command(&["NOSUCHCOMMAND"]).await.starts_with("-ERR"));
 }

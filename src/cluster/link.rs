@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use super::message::{self, Code, Message, Origin};
-use super::{channel_key, node_channel, Cluster, PREFIX};
+use super::{Cluster, Keys};
 use crate::gateway::Gateway;
 use crate::{log, log::Level};
 
@@ -44,29 +44,36 @@ const RETRY_MAX: Duration = Duration::from_millis(500);
 /// Multi-channel publishes remembered to deliver each once, though it arrives once per channel.
 const RECENT_PUBLISHES: usize = 4096;
 
-fn nodes_key() -> String {
-    format!("{PREFIX}nodes")
-}
-
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Node numbers that live nodes hold now (members of the live set are `<node>:<instance>`).
-pub(super) async fn live_nodes(client: &redis::Client) -> redis::RedisResult<Vec<u8>> {
+/// Takes the first node number from `start` on that no node holds, atomically (`SET NX`), so nodes
+/// that start together never pick the same one. `None`: all 256 are held.
+pub(super) async fn claim_number(
+    client: &redis::Client,
+    keys: &Keys,
+    instance: u64,
+    start: u8,
+) -> redis::RedisResult<Option<u8>> {
     let mut connection = client.get_multiplexed_async_connection().await?;
-    let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-        .arg(nodes_key())
-        .arg(now_ms())
-        .arg("+inf")
-        .query_async(&mut connection)
-        .await?;
-    Ok(members
-        .iter()
-        .filter_map(|member| member.split(':').next()?.parse().ok())
-        .collect())
+    for offset in 0..=255u8 {
+        let node = start.wrapping_add(offset);
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(keys.claim(node))
+            .arg(format!("{instance:016x}"))
+            .arg("NX")
+            .arg("PX")
+            .arg(NODE_TTL_MS)
+            .query_async(&mut connection)
+            .await?;
+        if taken.is_some() {
+            return Ok(Some(node));
+        }
+    }
+    Ok(None)
 }
 
 enum Change {
@@ -103,11 +110,9 @@ impl Interest {
 impl Cluster {
     /// Makes sure this node listens to each of `names` before returning, so a publish through any
     /// node after this reaches the stream that just joined them. While Redis is down it returns at
-    /// once: the rejoin listens to every channel with a local member.
+    /// once: the next join listens to every channel with a local member. (Queued even then: a change
+    /// made while a join is under way, after its snapshot of the channels, is applied after it.)
     pub async fn watch<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
-        if !self.is_up() {
-            return;
-        }
         let mut missing: Vec<Arc<str>> = Vec::new();
         {
             let mut listening = self.interest.listening.lock();
@@ -204,8 +209,19 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
         .client
         .get_multiplexed_async_connection_with_config(&config);
     let mut connection = within("connect", ANSWER_WITHIN, connect).await?;
-    let own = node_channel(cluster.node);
+    let own = cluster.keys.node_channel(cluster.node);
     within("subscribe", ANSWER_WITHIN, connection.subscribe(own)).await?;
+    // Named in the live set, so that the others can close this connection (and with it this
+    // node's subscriptions) if this node ever stops answering without closing it.
+    let client_id: u64 = within(
+        "client id",
+        ANSWER_WITHIN,
+        redis::cmd("CLIENT").arg("ID").query_async(&mut connection),
+    )
+    .await?;
+    cluster
+        .client_id
+        .store(client_id, std::sync::atomic::Ordering::Relaxed);
     let gateway = gateway.upgrade().ok_or("the gateway is gone")?;
     // Interest is rebuilt from what is local now; changes queued meanwhile follow it in order.
     let names = gateway.channels.names();
@@ -215,7 +231,7 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
     within(
         "restoring channel interest",
         limit,
-        subscribe_all(&connection, &names, true),
+        subscribe_all(&cluster.keys, &connection, &names, true),
     )
     .await?;
     heartbeat(cluster, &mut connection).await?;
@@ -233,13 +249,14 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
 
 /// (Un)subscribes `names`, `SUBSCRIBE_BATCH` a command, all commands in flight at once.
 async fn subscribe_all(
+    keys: &Keys,
     connection: &MultiplexedConnection,
     names: &[Arc<str>],
     subscribe: bool,
 ) -> redis::RedisResult<()> {
     let mut commands = JoinSet::new();
     for chunk in names.chunks(SUBSCRIBE_BATCH) {
-        let keys: Vec<String> = chunk.iter().map(|name| channel_key(name)).collect();
+        let keys: Vec<String> = chunk.iter().map(|name| keys.channel(name)).collect();
         let mut connection = connection.clone();
         commands.spawn(async move {
             if subscribe {
@@ -255,33 +272,87 @@ async fn subscribe_all(
     Ok(())
 }
 
-/// Registers this node in the live set and reads how many nodes it holds; the link's liveness
-/// probe too.
+/// Registers this node in the live set (and renews its number's claim), reads the set, and counts
+/// out the nodes whose registration ran out: their Redis connections are closed (`CLIENT KILL`), so
+/// a node that went silent without closing its connection (power loss, a frozen process) stops
+/// counting as a listener, and its tokens are 404 from then on instead of timeouts. Also the
+/// link's liveness probe.
 async fn heartbeat(
     cluster: &Cluster,
     connection: &mut MultiplexedConnection,
 ) -> Result<(), String> {
     let now = now_ms();
-    let member = format!("{}:{:016x}", cluster.node, cluster.instance);
+    let member = format!(
+        "{}:{:016x}:{}",
+        cluster.node,
+        cluster.instance,
+        cluster.client_id.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let nodes = cluster.keys.nodes();
     let mut pipeline = redis::pipe();
     pipeline
+        .cmd("SET")
+        .arg(cluster.keys.claim(cluster.node))
+        .arg(format!("{:016x}", cluster.instance))
+        .arg("PX")
+        .arg(NODE_TTL_MS)
+        .ignore()
         .cmd("ZADD")
-        .arg(nodes_key())
+        .arg(&nodes)
         .arg(now + NODE_TTL_MS)
         .arg(member)
         .ignore()
-        .cmd("ZREMRANGEBYSCORE")
-        .arg(nodes_key())
+        .cmd("ZRANGEBYSCORE")
+        .arg(&nodes)
         .arg("-inf")
         .arg(now)
-        .ignore()
-        .cmd("ZCARD")
-        .arg(nodes_key());
-    let (nodes,): (usize,) =
+        .cmd("ZRANGEBYSCORE")
+        .arg(&nodes)
+        .arg(format!("({now}"))
+        .arg("+inf");
+    let (expired, live): (Vec<String>, Vec<String>) =
         within("heartbeat", ANSWER_WITHIN, pipeline.query_async(connection)).await?;
+    if !expired.is_empty() {
+        let mut pipeline = redis::pipe();
+        for member in &expired {
+            pipeline.cmd("ZREM").arg(&nodes).arg(member).ignore();
+            if let Some(client_id) = member.rsplit(':').next() {
+                // Fails harmlessly when the connection is gone already or another node was first.
+                pipeline
+                    .cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(client_id)
+                    .ignore();
+            }
+        }
+        let counted_out: redis::RedisResult<()> = pipeline.query_async(connection).await;
+        log!(
+            Level::Warn,
+            "cluster: counted out {} silent node(s) {expired:?}: {}",
+            expired.len(),
+            counted_out.map_or_else(|err| err.to_string(), |()| "done".into())
+        );
+    }
+    let own = cluster.node.to_string();
+    let instance = format!("{:016x}", cluster.instance);
+    let shared = live.iter().any(|member| {
+        let mut parts = member.split(':');
+        parts.next() == Some(own.as_str()) && parts.next() != Some(instance.as_str())
+    });
+    let was_shared = cluster
+        .shared
+        .swap(shared, std::sync::atomic::Ordering::Relaxed);
+    if shared && !was_shared {
+        log!(
+            Level::Warn,
+            "cluster: node number {} is also another live node's (both chose it while Redis was unreachable): its tokens still reach their streams, at one Redis round trip more for a token not held here",
+            cluster.node
+        );
+    }
     cluster
         .nodes
-        .store(nodes, std::sync::atomic::Ordering::Relaxed);
+        .store(live.len(), std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -293,13 +364,13 @@ async fn serve(
     changes: &mut mpsc::UnboundedReceiver<Change>,
 ) -> String {
     let (lost_tx, mut lost) = oneshot::channel();
-    let dispatcher = tokio::spawn(dispatch(
-        cluster.clone(),
-        gateway.clone(),
-        pushes,
-        connection.clone(),
-        lost_tx,
-    ));
+    let (replies, queued) = mpsc::unbounded_channel();
+    let replier = tokio::spawn(send_replies(cluster.clone(), connection.clone(), queued));
+    let replies = Replies {
+        cluster: cluster.clone(),
+        queue: replies,
+    };
+    let dispatcher = tokio::spawn(dispatch(gateway.clone(), pushes, replies, lost_tx));
     let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -320,6 +391,7 @@ async fn serve(
         }
     };
     dispatcher.abort();
+    replier.abort();
     why
 }
 
@@ -357,7 +429,7 @@ async fn apply_changes(
                 within(
                     "subscribe",
                     ANSWER_WITHIN,
-                    subscribe_all(connection, &names, true),
+                    subscribe_all(&cluster.keys, connection, &names, true),
                 )
                 .await?;
                 {
@@ -391,7 +463,7 @@ async fn apply_changes(
                     within(
                         "unsubscribe",
                         ANSWER_WITHIN,
-                        subscribe_all(connection, &names, false),
+                        subscribe_all(&cluster.keys, connection, &names, false),
                     )
                     .await?;
                 }
@@ -401,12 +473,15 @@ async fn apply_changes(
     Ok(())
 }
 
-/// Applies what arrives, in arrival order, until the connection closes.
+/// Applies what arrives, in arrival order, until the connection closes. Requests for a token are
+/// applied here, one after the other, so a node's sends reach a stream in the order it made them;
+/// a publish's fan-out runs in a task of its own, so a fan-out to thousands of streams does not hold
+/// up the sends behind it (a publish is answered when its fan-out is done, so a publish and a send
+/// made one after the other by the backend still arrive in that order).
 async fn dispatch(
-    cluster: Arc<Cluster>,
     gateway: Weak<Gateway>,
     mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-    connection: MultiplexedConnection,
+    replies: Replies,
     lost: oneshot::Sender<()>,
 ) {
     let mut recent = Recent::default();
@@ -420,7 +495,7 @@ async fn dispatch(
                 let Some(gateway) = gateway.upgrade() else {
                     break;
                 };
-                handle(&cluster, &gateway, &connection, &mut recent, payload.into()).await;
+                handle(&gateway, &replies, &mut recent, payload.into()).await;
             }
             // Subscribe confirmations and the like: redis-rs has matched them to their commands.
             _ => {}
@@ -429,13 +504,7 @@ async fn dispatch(
     let _ = lost.send(());
 }
 
-async fn handle(
-    cluster: &Cluster,
-    gateway: &Gateway,
-    connection: &MultiplexedConnection,
-    recent: &mut Recent,
-    payload: Bytes,
-) {
+async fn handle(gateway: &Arc<Gateway>, replies: &Replies, recent: &mut Recent, payload: Bytes) {
     match message::decode(&payload) {
         None => log!(
             Level::Warn,
@@ -448,9 +517,21 @@ async fn handle(
             code,
             value,
         }) => {
-            if instance == cluster.instance {
-                cluster.replied(id, code, value);
+            if instance == replies.cluster.instance {
+                replies.cluster.replied(id, code, value);
             }
+        }
+        Some(Message::Request { origin, .. } | Message::Publish { origin, .. })
+            if origin.expires_ms < now_ms() =>
+        {
+            // Its asker answered 503/504 already (Redis stalled, or this node was too busy):
+            // carrying it out now would make that answer a lie.
+            log!(
+                Level::Debug,
+                "cluster: dropped a request from node {} that expired {} ms ago",
+                origin.node,
+                now_ms() - origin.expires_ms
+            );
         }
         Some(Message::Request {
             origin,
@@ -460,7 +541,7 @@ async fn handle(
         }) => {
             let rest = payload.slice_ref(rest);
             let (code, value) = gateway.apply_forwarded(token, ask, rest).await;
-            reply(cluster, connection, origin, code, value);
+            replies.send(origin, code, value);
         }
         Some(Message::Publish {
             origin,
@@ -469,48 +550,64 @@ async fn handle(
             frame_at,
         }) => {
             // A publish to several channels arrives once per channel this node listens to.
-            let first = !names.contains(&b'\n') || recent.first(origin);
-            let delivered = if first {
-                let frame = (frame_at < payload.len()).then(|| payload.slice(frame_at..));
-                let names: Vec<&str> = message::names(names).collect();
-                gateway.deliver_published(&names, frame, close).await
-            } else {
-                0
-            };
-            reply(
-                cluster,
-                connection,
-                origin,
-                Code::Delivered,
-                delivered as u64,
-            );
+            if names.contains(&b'\n') && !recent.first(origin) {
+                replies.send(origin, Code::Delivered, 0);
+                return;
+            }
+            let names = payload.slice_ref(names);
+            let frame = (frame_at < payload.len()).then(|| payload.slice(frame_at..));
+            let (gateway, replies) = (gateway.clone(), replies.clone());
+            tokio::spawn(async move {
+                let names: Vec<&str> = message::names(&names).collect();
+                let delivered = gateway.deliver_published(&names, frame, close).await;
+                replies.send(origin, Code::Delivered, delivered as u64);
+            });
         }
     }
 }
 
-/// Answers `origin`: straight into its waiting request when it is this process, else through its
-/// node's channel, without holding up the next message.
-fn reply(
-    cluster: &Cluster,
-    connection: &MultiplexedConnection,
-    origin: Origin,
-    code: Code,
-    value: u64,
-) {
-    if origin.instance == cluster.instance {
-        cluster.replied(origin.id, code, value);
-        return;
-    }
-    let body = message::reply(origin.instance, origin.id, code, value);
-    let mut publish = redis::cmd("PUBLISH");
-    publish.arg(node_channel(origin.node)).arg(&body[..]);
-    let mut connection = connection.clone();
-    tokio::spawn(async move {
-        let sent: redis::RedisResult<usize> = publish.query_async(&mut connection).await;
-        if let Err(err) = sent {
-            log!(Level::Debug, "cluster: reply not sent: {err}");
+/// Where this node's answers go: straight into the waiting request when the asker is this
+/// process, else onto the queue that [`send_replies`] empties.
+#[derive(Clone)]
+struct Replies {
+    cluster: Arc<Cluster>,
+    queue: mpsc::UnboundedSender<(u8, Bytes)>,
+}
+
+impl Replies {
+    fn send(&self, origin: Origin, code: Code, value: u64) {
+        if origin.instance == self.cluster.instance {
+            self.cluster.replied(origin.id, code, value);
+        } else {
+            let body = message::reply(origin.instance, origin.id, code, value);
+            let _ = self.queue.send((origin.node, body));
         }
-    });
+    }
+}
+
+/// Publishes queued answers to their askers' node channels: all that queued up while the previous
+/// ones were in flight go out as one pipeline (one write), so under load a reply costs a fraction of
+/// a round trip.
+async fn send_replies(
+    cluster: Arc<Cluster>,
+    mut connection: MultiplexedConnection,
+    mut queued: mpsc::UnboundedReceiver<(u8, Bytes)>,
+) {
+    let mut round = Vec::new();
+    while queued.recv_many(&mut round, 1024).await > 0 {
+        let mut pipeline = redis::pipe();
+        for (node, body) in round.drain(..) {
+            pipeline
+                .cmd("PUBLISH")
+                .arg(cluster.keys.node_channel(node))
+                .arg(&body[..])
+                .ignore();
+        }
+        let sent: redis::RedisResult<()> = pipeline.query_async(&mut connection).await;
+        if let Err(err) = sent {
+            log!(Level::Debug, "cluster: replies not sent: {err}");
+        }
+    }
 }
 
 /// The last `RECENT_PUBLISHES` multi-channel publishes seen.
@@ -533,5 +630,32 @@ impl Recent {
             self.seen.remove(&oldest);
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(instance: u64, id: u64) -> Origin {
+        Origin {
+            instance,
+            node: 1,
+            id,
+            expires_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_publish_is_first_once_and_forgotten_after_the_window() {
+        let mut recent = Recent::default();
+        assert!(recent.first(origin(1, 7)));
+        assert!(!recent.first(origin(1, 7)));
+        assert!(recent.first(origin(2, 7)), "another process's id 7");
+        for id in 100..100 + RECENT_PUBLISHES as u64 {
+            assert!(recent.first(origin(1, id)));
+        }
+        assert_eq!(recent.seen.len(), RECENT_PUBLISHES);
+        assert!(recent.first(origin(1, 7)), "pushed out of the window");
     }
 }

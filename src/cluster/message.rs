@@ -6,14 +6,17 @@
 //! origin encoded once (PROTOCOL §3), which the holder writes as they are. Integers are big-endian.
 //!
 //! ```text
-//! send         b'S' origin(8) node(1) id(8) token(16) close(1) frame…       (empty frame: no event)
-//! subscribe    b'J' origin(8) node(1) id(8) token(16) names              (names joined by '\n')
-//! unsubscribe  b'L' origin(8) node(1) id(8) token(16) names
-//! publish      b'P' origin(8) node(1) id(8) close(1) names_len(4) names frame…
-//! reply        b'R' origin(8) id(8) code(1) value(8)
+//! send         b'S' origin(25) token(16) close(1) frame…        (empty frame: no event)
+//! subscribe    b'J' origin(25) token(16) names               (names joined by '\n')
+//! unsubscribe  b'L' origin(25) token(16) names
+//! publish      b'P' origin(25) close(1) names_len(4) names frame…
+//! reply        b'R' instance(8) id(8) code(1) value(8)
+//! origin       instance(8) node(1) id(8) expires_ms(8)
 //! ```
-//! `origin` is the sending process's random instance id (a reply is for the process that asked,
-//! even if two processes ever share a node number), `node` its node number (where replies go).
+//! `instance` is the asking process's random id (a reply is for the process that asked, even if two
+//! processes ever share a node number), `node` its node number (where replies go), `expires_ms` the
+//! Unix time in ms when it stops waiting: a message that arrives later is dropped unapplied, so a
+//! request answered 503 because Redis stalled is not carried out when Redis wakes up.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -63,12 +66,13 @@ pub enum Ask {
     Unsubscribe,
 }
 
-/// Who sent a message and which of its waiting requests it belongs to.
+/// Who sent a message, which of its waiting requests it belongs to, and until when it waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Origin {
     pub instance: u64,
     pub node: u8,
     pub id: u64,
+    pub expires_ms: u64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -100,12 +104,13 @@ const SUBSCRIBE: u8 = b'J';
 const UNSUBSCRIBE: u8 = b'L';
 const PUBLISH: u8 = b'P';
 const REPLY: u8 = b'R';
-const ORIGIN_LEN: usize = 8 + 1 + 8;
+const ORIGIN_LEN: usize = 8 + 1 + 8 + 8;
 
 fn put_origin(out: &mut BytesMut, origin: Origin) {
     out.put_u64(origin.instance);
     out.put_u8(origin.node);
     out.put_u64(origin.id);
+    out.put_u64(origin.expires_ms);
 }
 
 /// A request for a token's holder: `rest` is the send's frame or the joined channel names.
@@ -204,6 +209,7 @@ impl<'a> Reader<'a> {
             instance: self.u64()?,
             node: self.u8()?,
             id: self.u64()?,
+            expires_ms: self.u64()?,
         })
     }
 
@@ -264,6 +270,7 @@ mod tests {
         instance: 0x0102_0304_0506_0708,
         node: 9,
         id: u64::MAX - 1,
+        expires_ms: 1_800_000_000_000,
     };
 
     #[test]

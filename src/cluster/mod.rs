@@ -14,8 +14,11 @@
 //! delivery count, the publishing node included (its own members get the frame through Redis like
 //! everyone else's, so a publish that Redis did not take delivers nothing anywhere).
 //!
-//! Redis keys and channels (prefix `sse-gateway:`): `node:<n>` (a node's requests and replies),
-//! `channel:<name>` (a channel's publishes), `nodes` (a sorted set of live nodes, score = expiry).
+//! Redis keys and channels, all under `sse-gateway:<db>:` (pub/sub ignores the database number, so
+//! it is part of every name: deployments on one Redis in different databases stay apart):
+//! `node:<n>` (a node's requests and replies), `channel:<name>` (a channel's publishes), `nodes` (a
+//! sorted set of live nodes `<n>:<instance>:<client id>`, score = expiry), `claim:<n>` (who took
+//! number `n`; taken atomically at start-up, so nodes that start together never share one).
 
 mod link;
 pub mod message;
@@ -37,8 +40,6 @@ use crate::token::Token;
 use crate::{log, log::Level};
 
 pub use message::{Ask, Code};
-
-const PREFIX: &str = "sse-gateway:";
 
 /// Why a request that needs the cluster got no answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +69,10 @@ enum Forwarded {
 pub struct Cluster {
     /// This node's number, in the top bits of every token it issues.
     pub node: u8,
+    keys: Keys,
+    /// Another live node has this node's number too (both chose it while Redis was unreachable):
+    /// a token with this number that is not here may be the other's.
+    shared: AtomicBool,
     /// Random per process: replies are matched to the process that asked.
     instance: u64,
     timeout: Duration,
@@ -78,6 +83,8 @@ pub struct Cluster {
     /// Requests waiting for replies, by id.
     waiting: Mutex<HashMap<u64, Arc<Waiting>>>,
     next_id: AtomicU64,
+    /// This node's Redis connection id (`CLIENT ID`), named in the live set.
+    client_id: AtomicU64,
     nodes: AtomicUsize,
     forwarded: [AtomicU64; 3],
     interest: link::Interest,
@@ -98,12 +105,28 @@ struct Tally {
     answer: Option<(Code, u64)>,
 }
 
-fn node_channel(node: u8) -> String {
-    format!("{PREFIX}node:{node}")
+/// The names of this deployment's Redis keys and channels.
+struct Keys {
+    /// `sse-gateway:<db>:`
+    prefix: String,
 }
 
-fn channel_key(name: &str) -> String {
-    format!("{PREFIX}channel:{name}")
+impl Keys {
+    fn node_channel(&self, node: u8) -> String {
+        format!("{}node:{node}", self.prefix)
+    }
+
+    fn channel(&self, name: &str) -> String {
+        format!("{}channel:{name}", self.prefix)
+    }
+
+    fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    fn claim(&self, node: u8) -> String {
+        format!("{}claim:{node}", self.prefix)
+    }
 }
 
 impl Cluster {
@@ -120,22 +143,31 @@ impl Cluster {
             .redis_settings()
             .clone()
             .set_protocol(redis::ProtocolVersion::RESP3);
+        let keys = Keys {
+            prefix: format!("sse-gateway:{}:", settings.db()),
+        };
         let client = redis::Client::open(info.set_redis_settings(settings))
             .map_err(|err| format!("invalid REDIS_URL: {err}"))?;
         let mut random = [0u8; 9];
         getrandom::getrandom(&mut random).expect("the OS CSPRNG is available");
         let instance = u64::from_le_bytes(random[..8].try_into().expect("8 bytes"));
-        let taken = tokio::time::timeout(config.cluster_timeout, link::live_nodes(&client))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let node = (0..=255u8)
-            .map(|i| i.wrapping_add(random[8]))
-            .find(|n| !taken.contains(n))
-            .unwrap_or(random[8]);
+        let claim = link::claim_number(&client, &keys, instance, random[8]);
+        let node = match tokio::time::timeout(config.cluster_timeout, claim).await {
+            Ok(Ok(Some(node))) => node,
+            Ok(Ok(None)) => {
+                return Err(
+                    "all 256 node numbers are taken: a deployment holds at most 256 gateways"
+                        .into(),
+                )
+            }
+            // Unreachable now: a number at random. A clash with another node that did the same
+            // is seen at the heartbeat and handled (see `shared`).
+            _ => random[8],
+        };
         Ok(Arc::new(Cluster {
             node,
+            keys,
+            shared: AtomicBool::new(false),
             instance,
             timeout: config.cluster_timeout,
             client,
@@ -143,6 +175,7 @@ impl Cluster {
             up: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            client_id: AtomicU64::new(0),
             nodes: AtomicUsize::new(0),
             forwarded: Default::default(),
             interest: link::Interest::default(),
@@ -165,6 +198,11 @@ impl Cluster {
 
     pub fn is_local(&self, token: Token) -> bool {
         token.node() == self.node
+    }
+
+    /// Whether another live node has this node's number (see the field).
+    pub fn is_shared(&self) -> bool {
+        self.shared.load(Ordering::Relaxed)
     }
 
     pub fn gauges(&self) -> ClusterGauges {
@@ -195,11 +233,13 @@ impl Cluster {
         (id, waiting, Unregister { cluster: self, id })
     }
 
+    /// This process as the origin of request `id`, waiting `CLUSTER_TIMEOUT_MS` from now.
     fn origin(&self, id: u64) -> message::Origin {
         message::Origin {
             instance: self.instance,
             node: self.node,
             id,
+            expires_ms: link::now_ms() + self.timeout.as_millis() as u64,
         }
     }
 
@@ -220,7 +260,9 @@ impl Cluster {
         let (id, waiting, _unregister) = self.expect_replies();
         let request = message::request(self.origin(id), token, ask, rest);
         let mut publish = redis::cmd("PUBLISH");
-        publish.arg(node_channel(token.node())).arg(&request[..]);
+        publish
+            .arg(self.keys.node_channel(token.node()))
+            .arg(&request[..]);
         let listeners: usize = self
             .bounded(deadline, publish.query_async(&mut connection))
             .await?;
@@ -253,7 +295,7 @@ impl Cluster {
         for name in names {
             pipeline
                 .cmd("PUBLISH")
-                .arg(channel_key(name))
+                .arg(self.keys.channel(name))
                 .arg(&body[..]);
         }
         let receivers: Vec<usize> = self

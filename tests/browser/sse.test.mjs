@@ -13,8 +13,9 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
 import { EventEmitter, once } from "node:events";
-import { mkdir, mkdtemp, rm, stat } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import http from "node:http";
+import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import readline from "node:readline";
@@ -62,7 +63,10 @@ function within(ms, what, promise) {
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
-/** The callback side: records every callback; refuses connects to /t/refuse* with 401. */
+/**
+ * The callback side: records every callback; refuses connects to /t/refuse* with 401; puts streams
+ * on /t/cluster/* in channel "cluster".
+ */
 class Backend extends EventEmitter {
   callbacks = [];
 
@@ -73,11 +77,14 @@ class Backend extends EventEmitter {
       req.on("end", () => {
         const callback = JSON.parse(Buffer.concat(chunks).toString("utf8"));
         callback.at = performance.now();
+        // The callback URL's query says which gateway called (the cluster test gives each its own).
+        callback.path = req.url;
         this.callbacks.push(callback);
         this.emit("callback", callback);
         const refuse = callback.action === "connect" && callback.request.url.startsWith("/t/refuse");
+        const cluster = callback.action === "connect" && callback.request.url.startsWith("/t/cluster/");
         res.writeHead(refuse ? 401 : 200, { "content-type": "application/json" });
-        res.end(refuse ? '{"error":"not you"}' : "{}");
+        res.end(refuse ? '{"error":"not you"}' : cluster ? '{"channels":["cluster"]}' : "{}");
       });
     });
     this.server.listen(0, "127.0.0.1");
@@ -544,5 +551,266 @@ describe("the demo page", () => {
     await page.screenshot({ path: BURST_SCREENSHOT, fullPage: true });
     assert.ok((await stat(BURST_SCREENSHOT)).size > 10_000);
     await page.close();
+  });
+});
+
+// --- Several gateways, one deployment (PROTOCOL §10) -------------------------------------------
+
+const REDIS_SERVER = process.env.REDIS_SERVER ?? "/usr/bin/redis-server";
+const NGINX = process.env.NGINX_PATH ?? "/usr/sbin/nginx";
+
+/** A port that was free on 127.0.0.1 a moment ago. */
+async function freePort() {
+  const server = net.createServer();
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** One Redis command (RESP, raw TCP); resolves with the reply's first line, rejects on error. */
+function redisCommand(port, args, ms = 500) {
+  return within(ms, `redis ${args.join(" ")}`, new Promise((resolve, reject) => {
+    const sock = net.connect(port, "127.0.0.1");
+    let got = "";
+    sock.on("error", reject);
+    sock.on("data", (d) => {
+      got += d.toString("latin1");
+      const end = got.indexOf("\r\n");
+      if (end >= 0) {
+        sock.destroy();
+        resolve(got.slice(0, end));
+      }
+    });
+    sock.write(`*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(a)}\r\n${a}\r\n`).join("")}`);
+  }));
+}
+
+/** Polls `check` (an async function returning truthy when done) every 25 ms for `ms`. */
+async function until(what, check, ms = SOON) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      const done = await check();
+      if (done) return done;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}${last ? `: ${last.message}` : ""}`);
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+}
+
+/** Debian's redis-server on a free port, no persistence, files in `dir`. */
+async function startRedis(dir) {
+  await stat(REDIS_SERVER).catch(() => {
+    throw new Error(`${REDIS_SERVER} is missing: apt-get install redis-server (or run: bash .ci/run)`);
+  });
+  const port = await freePort();
+  const child = spawn(REDIS_SERVER, [
+    "--bind", "127.0.0.1", "--port", String(port), "--save", "", "--appendonly", "no",
+    "--protected-mode", "no", "--dir", dir, "--logfile", path.join(dir, "redis.log"),
+  ], { stdio: "ignore" });
+  let exited = null;
+  child.once("exit", (code, signal) => { exited = code ?? signal; });
+  await until("redis-server to answer PING", async () => {
+    if (exited !== null) throw new Error(`redis-server exited (${exited})`);
+    return (await redisCommand(port, ["PING"])) === "+PONG";
+  });
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const gone = once(child, "exit");
+      child.kill("SIGKILL");
+      await gone;
+    },
+  };
+}
+
+/**
+ * Debian's nginx in its own prefix `dir`, in the foreground as one process, round-robin over
+ * `upstreams` (host:port), with the project's proxy settings for streams (deploy/nginx.conf). It
+ * serves one static page itself, `/page`, so that pages share the proxy's origin with their streams.
+ */
+async function startNginx(dir, upstreams) {
+  await stat(NGINX).catch(() => {
+    throw new Error(`${NGINX} is missing: apt-get install nginx-light (or run: bash .ci/run)`);
+  });
+  const port = await freePort();
+  const conf = `master_process off;
+worker_processes 1;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log info;
+events { worker_connections 256; }
+http {
+    access_log ${dir}/access.log;
+    client_body_temp_path ${dir}/body;
+    proxy_temp_path ${dir}/proxy;
+    fastcgi_temp_path ${dir}/fastcgi;
+    uwsgi_temp_path ${dir}/uwsgi;
+    scgi_temp_path ${dir}/scgi;
+    upstream sse_gateway {
+${upstreams.map((a) => `        server ${a};`).join("\n")}
+        keepalive 16;
+    }
+    server {
+        listen 127.0.0.1:${port};
+        location = /page {
+            default_type text/html;
+            return 200 "<!doctype html><title>two gateways</title><p>two gateways behind nginx</p>";
+        }
+        location = /favicon.ico { return 204; }
+        location /internal/ { return 404; }
+        location = /metrics { return 404; }
+        location / {
+            proxy_pass http://sse_gateway;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+            gzip off;
+        }
+    }
+}
+`;
+  const file = path.join(dir, "nginx.conf");
+  await writeFile(file, conf);
+  const child = spawn(NGINX, ["-p", dir, "-e", path.join(dir, "error.log"), "-c", file, "-g", "daemon off;"],
+    { stdio: ["ignore", "ignore", "pipe"] });
+  const stderr = [];
+  child.stderr.on("data", (d) => stderr.push(d.toString()));
+  let exited = null;
+  child.once("exit", (code, signal) => { exited = code ?? signal; });
+  const origin = `http://127.0.0.1:${port}`;
+  await until("nginx to serve /page", async () => {
+    if (exited !== null) throw new Error(`nginx exited (${exited}): ${stderr.join("")}`);
+    return (await fetch(`${origin}/page`)).status === 200;
+  });
+  return {
+    origin,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const gone = once(child, "exit");
+      child.kill("SIGTERM");
+      await within(SOON, "nginx to exit", gone).catch(() => child.kill("SIGKILL"));
+    },
+  };
+}
+
+/** A sample of the gateway's /metrics (first series named `name`), or undefined. */
+async function metric(gw, name) {
+  const text = await (await fetch(`${gw.origin}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${name} `) || l.startsWith(`${name}{`));
+  return line === undefined ? undefined : Number(line.split(" ").pop());
+}
+
+describe("two gateways joined by Redis behind nginx (PROTOCOL §10)", () => {
+  const backend = new Backend();
+  const gateways = [];
+  let dir;
+  let redis;
+  let nginx;
+
+  before(async () => {
+    dir = await mkdtemp(path.join(tmpdir(), "sse-gateway-cluster-"));
+    await backend.start();
+    redis = await startRedis(dir);
+    for (const node of ["A", "B"]) {
+      const gw = await startGateway([], {
+        CALLBACK_URL: `${backend.url}?node=${node}`,
+        REDIS_URL: redis.url,
+        HEARTBEAT_INTERVAL_SECONDS: "1",
+      });
+      gw.node = node;
+      gateways.push(gw);
+    }
+    for (const gw of gateways) {
+      await until(`gateway ${gw.node} to join a cluster of 2`, async () => {
+        const ready = await fetch(`${gw.origin}/readyz`);
+        return ready.status === 200 && (await metric(gw, "sse_gateway_cluster_nodes")) === 2;
+      });
+    }
+    nginx = await startNginx(dir, gateways.map((gw) => new URL(gw.origin).host));
+  });
+
+  after(async () => {
+    await nginx?.stop();
+    for (const gw of gateways) await gw.stop();
+    await redis?.stop();
+    await backend.stop();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  /** A page at nginx's origin with an EventSource on `url`; resolves with the node that holds it. */
+  async function pageThroughProxy(url) {
+    const page = await context.newPage();
+    await page.goto(`${nginx.origin}/page`);
+    await page.evaluate((url) => {
+      const seen = (window.seen = []);
+      const es = (window.es = new EventSource(url));
+      es.onopen = () => seen.push({ kind: "open" });
+      es.onerror = () => seen.push({ kind: "error", readyState: es.readyState });
+      es.onmessage = (e) => seen.push({ kind: "message", type: e.type, data: e.data, lastEventId: e.lastEventId });
+    }, url);
+    const connect = await backend.connect(url);
+    await waitSeen(page, `the stream ${url} open`, (seen) => seen.some((s) => s.kind === "open"));
+    const node = new URL(connect.path, "http://callback").searchParams.get("node");
+    return { page, url, node, token: connect.token };
+  }
+
+  test("two pages on different nodes behind one nginx: one publish reaches both, once", async () => {
+    const first = await pageThroughProxy("/t/cluster/0");
+    let second;
+    // Round-robin puts the next stream on the other node; retry (bounded) should it not.
+    for (let attempt = 1; attempt <= 6 && !second; attempt++) {
+      const candidate = await pageThroughProxy(`/t/cluster/${attempt}`);
+      if (candidate.node !== first.node) {
+        second = candidate;
+      } else {
+        await candidate.page.close();
+        await backend.waitFor(`the disconnect of ${candidate.url}`,
+          (c) => c.action === "disconnect" && c.token === candidate.token);
+      }
+    }
+    assert.ok(second, `every stream landed on node ${first.node}`);
+    assert.deepEqual(new Set([first.node, second.node]), new Set(["A", "B"]));
+    // Each gateway holds one of them.
+    for (const gw of gateways) {
+      await until(`gateway ${gw.node} to hold one stream`,
+        async () => (await metric(gw, "sse_gateway_connections")) === 1);
+    }
+
+    // One publish, through either node, reaches both pages, once each.
+    const answer = await gateways[0].post("/internal/publish", { channel: "cluster", event: { data: "to both pages", id: "c-1" } });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 2 } });
+    for (const { page } of [first, second]) {
+      await waitSeen(page, "the published event", (seen) => seen.some((s) => s.data === "to both pages"));
+    }
+    // A send by token through the node that does not hold the stream.
+    const holderOfFirst = gateways.find((gw) => gw.node === first.node);
+    const other = gateways.find((gw) => gw !== holderOfFirst);
+    const sent = await other.post("/internal/send", { token: first.token, event: { data: "by token, via the other node" } });
+    assert.deepEqual(sent, { status: 200, body: { status: "ok" } });
+    await waitSeen(first.page, "the forwarded send", (seen) => seen.some((s) => s.data === "by token, via the other node"));
+
+    assert.deepEqual(events(await first.page.evaluate(() => window.seen)), [
+      { kind: "message", type: "message", data: "to both pages", lastEventId: "c-1" },
+      { kind: "message", type: "message", data: "by token, via the other node", lastEventId: "c-1" },
+    ]);
+    assert.deepEqual(events(await second.page.evaluate(() => window.seen)), [
+      { kind: "message", type: "message", data: "to both pages", lastEventId: "c-1" },
+    ]);
+    for (const { page } of [first, second]) {
+      assert.ok(!(await page.evaluate(() => window.seen)).some((s) => s.kind === "error"));
+      assert.equal(await page.evaluate(() => window.es.readyState), 1);
+      await page.close();
+    }
   });
 });

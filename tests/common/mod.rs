@@ -5,14 +5,18 @@
 //!   start-up log lines, drains stderr in the background (lines kept for assertions), kills the
 //!   child on drop.
 //! - [`backend`]: the callback-side double.
+//! - [`cluster`]: N gateways joined by a real Redis, and what the cluster tests share.
 //! - [`http`]: a hand-written HTTP/1.1 client, including the streaming reader.
+//! - [`redis`]: a real `redis-server` for the cluster tests (PROTOCOL §10).
 //! - [`sse`]: an independent WHATWG event-stream parser (its unit tests are in `tests/harness.rs`).
 
 // Each test binary uses a different part of the harness (and of its re-exports).
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod cluster;
 pub mod http;
+pub mod redis;
 pub mod sse;
 
 use std::collections::BTreeMap;
@@ -29,6 +33,7 @@ use tokio::time::{timeout, Instant};
 
 pub use backend::{down_url, Backend, Callback, Reply};
 pub use http::{End, HttpConn, NoItem, Response, SseStream};
+pub use redis::Redis;
 pub use sse::{Event, Item};
 
 /// How long the gateway may take to print its listener lines.
