@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::send::Via;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "sse-load",
@@ -76,6 +78,30 @@ pub struct Common {
     /// Seconds to wait for outstanding deliveries and for disconnect callbacks after closing.
     #[arg(long, global = true, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// Start one `redis-server` and N gateways joined by it (`REDIS_URL`, PROTOCOL §10), all pinned
+    /// to `--server-cpu`; streams are spread round-robin over the nodes (stream i on node i % N) and
+    /// /internal/* requests go where `--via` says. Needs `--gateway-bin`. `--cluster 1` is one
+    /// gateway with `REDIS_URL` set.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub cluster: Option<u16>,
+    /// Where /internal/* requests go in a cluster: a node number (0 = the first), `other` (a
+    /// per-token request goes to the node after the one holding the token, so it always crosses
+    /// through Redis; publishes to node 0) or `holder` (the node holding the token: local sends).
+    /// `other`/`holder` apply to unicast and broadcast; other scenarios use node 0.
+    #[arg(long, global = true, default_value = "0", value_parser = parse_via)]
+    pub via: Via,
+    /// The Redis server binary for `--cluster`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        default_value = "/usr/bin/redis-server"
+    )]
+    pub redis_bin: String,
+    /// Seconds to wait for every node of `--cluster` to be ready and to see the others
+    /// (`/readyz` 200, `sse_gateway_cluster_nodes` = N).
+    #[arg(long, global = true, default_value_t = 30)]
+    pub cluster_timeout: u64,
     /// What `--url` is: `gateway`, or `nchan` (nginx + nchan, for comparison: sends become
     /// `POST /pub/<token>`, publishes `POST /pub/<channel>`; use with `--path '/sub/{c}'`).
     #[arg(long, global = true, value_enum, default_value_t = TargetKind::Gateway)]
@@ -259,6 +285,17 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+fn parse_via(s: &str) -> Result<Via, String> {
+    match s {
+        "other" => Ok(Via::Other),
+        "holder" => Ok(Via::Holder),
+        _ => s
+            .parse()
+            .map(Via::Node)
+            .map_err(|_| "want a node number, `other` or `holder`".into()),
+    }
+}
+
 fn parse_range(s: &str) -> Result<(u64, u64), String> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
     let a: u64 = a.trim().parse().map_err(|_| "want MIN-MAX in ms")?;
@@ -277,6 +314,18 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vias() {
+        assert_eq!(parse_via("2"), Ok(Via::Node(2)));
+        assert_eq!(parse_via("other"), Ok(Via::Other));
+        assert_eq!(parse_via("holder"), Ok(Via::Holder));
+        assert!(parse_via("x").is_err());
+        assert_eq!(Via::Other.route(2, 3), 0);
+        assert_eq!(Via::Other.route(0, 3), 1);
+        assert_eq!(Via::Holder.route(2, 3), 2);
+        assert_eq!(Via::Node(1).route(2, 3), 1);
     }
 
     #[test]

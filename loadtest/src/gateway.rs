@@ -29,6 +29,8 @@ pub struct Target {
     pub internal: SocketAddr,
     pub pid: Option<u32>,
     child: Option<Child>,
+    /// SIGTERM was sent (by `terminate`).
+    terminated: bool,
     pub log: Arc<Mutex<LogWatch>>,
 }
 
@@ -64,6 +66,7 @@ impl Target {
             internal,
             pid,
             child: None,
+            terminated: false,
             log: Arc::default(),
         })
     }
@@ -86,11 +89,9 @@ impl Target {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(cpu) = cpu {
-            // SAFETY: sched_setaffinity is async-signal-safe; the closure touches nothing else.
-            unsafe {
-                cmd.pre_exec(move || crate::sys::pin_to_cpu(cpu));
-            }
+        // SAFETY: `child_setup` makes only async-signal-safe calls; the closure touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || crate::sys::child_setup(cpu));
         }
         let wants_internal = env.iter().any(|(k, _)| k == "INTERNAL_PORT");
         let mut child = cmd.spawn().map_err(|e| format!("spawn {bin}: {e}"))?;
@@ -153,6 +154,7 @@ impl Target {
             internal: internal.unwrap_or(public),
             pid,
             child: Some(child),
+            terminated: false,
             log,
         })
     }
@@ -166,18 +168,33 @@ impl Target {
         }
     }
 
-    /// Stops a spawned gateway: SIGTERM, then SIGKILL after `grace`. Returns how it ended.
-    pub async fn stop(&mut self, grace: Duration) -> Option<String> {
-        let mut child = self.child.take()?;
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(format!("had already exited: {st}"));
-        }
-        if let Some(pid) = child.id() {
-            // SAFETY: signalling our own child by pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    /// Sends SIGTERM to a spawned gateway that still runs, without waiting (`stop` then waits):
+    /// the nodes of a cluster drain at the same time.
+    pub fn terminate(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if !self.terminated && matches!(child.try_wait(), Ok(None)) {
+                if let Some(pid) = child.id() {
+                    // SAFETY: signalling our own child by pid.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                    }
+                    self.terminated = true;
+                }
             }
         }
+    }
+
+    /// Stops a spawned gateway: SIGTERM (unless `terminate` sent it), then SIGKILL after `grace`.
+    /// Returns how it ended.
+    pub async fn stop(&mut self, grace: Duration) -> Option<String> {
+        if !self.terminated {
+            if let Ok(Some(st)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(format!("had already exited: {st}"));
+            }
+            self.terminate();
+        }
+        let mut child = self.child.take()?;
         match tokio::time::timeout(grace, child.wait()).await {
             Ok(Ok(st)) => Some(format!("exited after SIGTERM: {st}")),
             _ => {

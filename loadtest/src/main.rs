@@ -12,18 +12,22 @@
 //! - `hist`     fixed-size latency histogram
 //! - `http`     response head, chunked decoder, SSE parser, payload `"<seq> <ts_us>"`
 //! - `stream`   one SSE stream per task, the `Pool` of them, per-stream `Slot`s and the shared `Sink`
-//! - `send`     keep-alive client for `/internal/send` and `/internal/publish`
+//! - `send`     keep-alive client for `/internal/*`, and the per-node `Router` (`--via`)
 //! - `serve`    tiny JSON HTTP server (callbacks, `hold` control port)
 //! - `backend`  the callback double and the exactly-once disconnect audit
 //! - `gateway`  the target: spawned or attached
+//! - `redis`    `--cluster`'s redis-server: start on a free port, PING, INFO counters, stop
+//! - `cluster`  `--cluster N`: Redis + N gateways, readiness, the nodes' cluster metrics
 //! - `report`   results, checks, deadlines, exit status
 //! - `scenario` density, unicast, broadcast, connect_rate, idle, hold, soak
 
 mod backend;
 mod cli;
+mod cluster;
 mod gateway;
 mod hist;
 mod http;
+mod redis;
 mod report;
 mod scenario;
 mod send;

@@ -89,8 +89,24 @@ impl Sender {
         })
     }
 
+    /// GETs `path` (`/readyz`, `/metrics`).
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.request("GET", path, b"", "application/json").await
+    }
+
     async fn post_raw(&mut self, path: &str, body: &[u8], content_type: &str) -> Answer {
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(path, body, content_type)).await {
+        self.request("POST", path, body, content_type).await
+    }
+
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Answer {
+        let exchange = self.exchange(method, path, body, content_type);
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => {
                 self.sock = None;
@@ -105,13 +121,14 @@ impl Sender {
 
     async fn exchange(
         &mut self,
+        method: &str,
         path: &str,
         body: &[u8],
         content_type: &str,
     ) -> Result<(u16, Vec<u8>), String> {
         self.connect().await?;
         self.req.clear();
-        self.push_request(path, content_type, body);
+        self.push_request(method, path, content_type, body);
         let sock = self.sock.as_mut().expect("connected above");
         sock.write_all(&self.req).await.map_err(io_err)?;
         self.buf.clear();
@@ -188,8 +205,18 @@ impl Sender {
         }
     }
 
-    /// Opens the keep-alive connection if there is none.
+    /// Opens the keep-alive connection if there is none, or if the one we have is stale: the
+    /// gateway closes a connection idle for 30 s with an unasked-for 408 (PROTOCOL §9, hyper's
+    /// header read timeout), and a request written after it would read that 408 as its answer.
+    /// Anything readable before we asked (an answer or EOF) means the connection is done.
     async fn connect(&mut self) -> Result<(), String> {
+        if let Some(sock) = &self.sock {
+            let mut byte = [0u8; 1];
+            match sock.try_read(&mut byte) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                _ => self.sock = None,
+            }
+        }
         if self.sock.is_none() {
             let s = TcpStream::connect(self.addr)
                 .await
@@ -201,10 +228,10 @@ impl Sender {
     }
 
     /// Appends one `POST` request to the write buffer.
-    fn push_request(&mut self, path: &str, content_type: &str, body: &[u8]) {
+    fn push_request(&mut self, method: &str, path: &str, content_type: &str, body: &[u8]) {
         self.req.extend_from_slice(
             format!(
-                "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nAccept: application/json\r\nContent-Length: {}\r\n{}\r\n",
+                "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\nAccept: application/json\r\nContent-Length: {}\r\n{}\r\n",
                 self.addr,
                 body.len(),
                 self.auth.as_deref().unwrap_or("")
@@ -223,7 +250,7 @@ impl Sender {
         self.connect().await.map_err(|e| (Vec::new(), e))?;
         self.req.clear();
         for body in bodies {
-            self.push_request(path, "application/json", body);
+            self.push_request("POST", path, "application/json", body);
         }
         let sock = self.sock.as_mut().expect("connected above");
         if let Err(e) = sock.write_all(&self.req).await {
@@ -287,6 +314,63 @@ async fn head_close_body(sock: &mut TcpStream, mut rest: Vec<u8>) -> Result<Vec<
 
 fn io_err(e: io::Error) -> String {
     format!("io: {:?}", e.kind())
+}
+
+/// Where a cluster's `/internal/*` requests go (`--via`): a fixed node, the node holding the token,
+/// or another node (the next one), so every per-token request crosses to the holder through Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Node(usize),
+    Holder,
+    Other,
+}
+
+impl Via {
+    /// The node a per-token request for a stream on node `holder` goes to, out of `nodes`.
+    pub fn route(self, holder: usize, nodes: usize) -> usize {
+        match self {
+            Via::Node(k) => k,
+            Via::Holder => holder,
+            Via::Other => (holder + 1) % nodes.max(1),
+        }
+    }
+
+    /// The node for requests that name no token (publish): the fixed node, else node 0.
+    pub fn home(self) -> usize {
+        match self {
+            Via::Node(k) => k,
+            Via::Holder | Via::Other => 0,
+        }
+    }
+}
+
+/// One keep-alive `Sender` per node, and `--via` to pick among them. Connections open on first use.
+pub struct Router {
+    senders: Vec<Sender>,
+    via: Via,
+}
+
+impl Router {
+    pub fn new(senders: Vec<Sender>, via: Via) -> Self {
+        assert!(!senders.is_empty(), "a router needs a node");
+        Router { senders, via }
+    }
+
+    /// The node a request for a token held by node `holder` goes to.
+    pub fn route(&self, holder: usize) -> usize {
+        self.via.route(holder, self.senders.len())
+    }
+
+    /// The sender for a token held by node `holder`.
+    pub fn for_holder(&mut self, holder: usize) -> &mut Sender {
+        let k = self.route(holder);
+        &mut self.senders[k]
+    }
+
+    /// The sender to node `k`.
+    pub fn node(&mut self, k: usize) -> &mut Sender {
+        &mut self.senders[k]
+    }
 }
 
 /// The JSON body of a send to one token: data `"<seq> <ts_us>"` (see `http::parse_payload`).

@@ -42,6 +42,8 @@ pub const ENDED: u8 = 3;
 /// One stream's state, shared between its task, the senders and the reports.
 #[derive(Default)]
 pub struct Slot {
+    /// The node (index into `StreamConfig::targets`) the stream is open on; 0 on one gateway.
+    pub node: usize,
     pub token: OnceLock<String>,
     pub state: AtomicU8,
     pub status: AtomicU16,
@@ -325,7 +327,8 @@ async fn pump(opened: Opened, slot: &Slot, sink: &Sink) -> End {
 /// Where streams go and how they are opened.
 #[derive(Clone)]
 pub struct StreamConfig {
-    pub target: SocketAddr,
+    /// The public listeners of the nodes: stream i opens on `targets[i % len]` (one gateway: one).
+    pub targets: Vec<SocketAddr>,
     pub path: String,
     pub sources: u32,
     pub head_timeout: Duration,
@@ -385,7 +388,10 @@ impl Pool {
                 Ok(Ok(p)) => p,
                 _ => break,
             };
-            let slot = Arc::new(Slot::default());
+            let slot = Arc::new(Slot {
+                node: i % self.cfg.targets.len(),
+                ..Slot::default()
+            });
             slot.next_seq.store(1, Ordering::Relaxed);
             self.slots.push(slot.clone());
             let task = tokio::spawn(hold_stream(
@@ -464,7 +470,8 @@ async fn hold_stream(
     permit: OwnedSemaphorePermit,
 ) {
     let src = source_for(client, cfg.sources);
-    let opened = open(client, src, cfg.target, &cfg.path, cfg.head_timeout).await;
+    let dst = cfg.targets[slot.node];
+    let opened = open(client, src, dst, &cfg.path, cfg.head_timeout).await;
     drop(permit);
     let opened = match opened {
         Ok(o) => o,

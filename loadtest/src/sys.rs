@@ -159,23 +159,72 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     Ok((utime + stime) as f64 / hz)
 }
 
-/// The gateway's CPU seconds at the start of a measured phase; `elapsed` gives the difference.
+/// CPU seconds of a set of processes (the gateway, or every gateway of a cluster and its Redis) at
+/// the start of a measured phase; `elapsed` gives the difference, summed.
 pub struct CpuMeter {
-    pid: Option<u32>,
-    start: f64,
+    procs: Vec<(String, u32, f64)>,
 }
 
 impl CpuMeter {
-    pub fn start(pid: Option<u32>) -> Self {
-        let start = pid.and_then(|p| cpu_seconds(p).ok()).unwrap_or(0.0);
-        CpuMeter { pid, start }
+    /// `procs`: (label, pid) of every process to count; an empty list gives no figure.
+    pub fn start(procs: Vec<(String, u32)>) -> Self {
+        let procs = procs
+            .into_iter()
+            .map(|(label, pid)| {
+                let start = cpu_seconds(pid).unwrap_or(0.0);
+                (label, pid, start)
+            })
+            .collect();
+        CpuMeter { procs }
     }
 
-    /// CPU seconds since `start`, or `None` when no gateway pid is known.
+    /// CPU seconds since `start`, summed, or `None` when no pid is known (or one can't be read).
     pub fn elapsed(&self) -> Option<f64> {
-        let pid = self.pid?;
-        cpu_seconds(pid).ok().map(|now| now - self.start)
+        if self.procs.is_empty() {
+            return None;
+        }
+        let mut sum = 0.0;
+        for (_, pid, start) in &self.procs {
+            sum += cpu_seconds(*pid).ok()? - start;
+        }
+        Some(sum)
     }
+
+    /// CPU seconds since `start` per process, by label (unreadable ones left out).
+    pub fn each(&self) -> Vec<(String, f64)> {
+        self.procs
+            .iter()
+            .filter_map(|(label, pid, start)| {
+                cpu_seconds(*pid)
+                    .ok()
+                    .map(|now| (label.clone(), now - start))
+            })
+            .collect()
+    }
+
+    /// How many processes are counted.
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+}
+
+/// In a child between fork and exec: its own process group (so a terminal's ^C reaches only
+/// sse-load, which then stops its children in order), SIGKILL when sse-load dies (so no gateway or
+/// Redis outlives a killed run), and pinned to `cpu` if given. Only async-signal-safe calls.
+pub fn child_setup(cpu: Option<usize>) -> io::Result<()> {
+    // SAFETY: setpgid and prctl are async-signal-safe and touch only this (child) process.
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

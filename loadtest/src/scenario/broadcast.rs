@@ -41,8 +41,8 @@ struct Probe {
 /// Sends `{"token":<random open token>,"event":{"data":"probe"}}` at `rate` per second until `stop`
 /// (polled at least every 10 ms, so a slow rate still stops promptly).
 async fn probe(
-    mut sender: crate::send::Sender,
-    tokens: Vec<String>,
+    mut router: crate::send::Router,
+    tokens: Vec<(String, usize)>,
     rate: u64,
     in_round: Arc<std::sync::atomic::AtomicBool>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -56,7 +56,7 @@ async fn probe(
         i = i
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let token = &tokens[(i >> 33) % tokens.len()];
+        let (token, node) = &tokens[(i >> 33) % tokens.len()];
         let body = format!(
             r#"{{"token":"{token}","event":{{"data":"{}"}}}}"#,
             crate::stream::PROBE_DATA
@@ -64,7 +64,10 @@ async fn probe(
         let during = in_round.load(Ordering::Relaxed);
         let t0 = Instant::now();
         let ok = matches!(
-            sender.post("/internal/send", body.as_bytes()).await,
+            router
+                .for_holder(*node)
+                .post("/internal/send", body.as_bytes())
+                .await,
             Ok((200, _))
         );
         let us = t0.elapsed().as_micros() as u64;
@@ -98,7 +101,10 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             )
         })
         .collect();
-    let mut senders: Vec<_> = (0..c).map(|_| Some(ctx.sender())).collect();
+    // Per-token senders, each with a connection per node (`--via`); the publish goes to the
+    // `--via` node (node 0 with `other`/`holder`).
+    let mut senders: Vec<_> = (0..c).map(|_| Some(ctx.router())).collect();
+    let mut publisher = ctx.sender();
     ctx.report.line(format!(
         "broadcast to {n} streams, {} rounds, {}",
         o.rounds,
@@ -114,14 +120,17 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     let in_round = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_probe = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = (o.probe_rate > 0).then(|| {
-        let tokens: Vec<String> = open
+        let tokens: Vec<(String, usize)> = open
             .iter()
-            .filter_map(|&i| pool.slots[i].token.get().cloned())
+            .filter_map(|&i| {
+                let slot = &pool.slots[i];
+                slot.token.get().map(|t| (t.clone(), slot.node))
+            })
             .collect();
         // Its own thread and runtime: on the load generator's runtime the probe's answers would
         // wait behind the 18k stream reads of a round, and the figure would be ours, not the
         // gateway's. The kernel wakes this mostly-sleeping thread ahead of the busy one.
-        let (sender, rate) = (ctx.sender(), o.probe_rate);
+        let (sender, rate) = (ctx.router(), o.probe_rate);
         let (in_round, stop) = (in_round.clone(), stop_probe.clone());
         std::thread::spawn(move || {
             tokio::runtime::Builder::new_current_thread()
@@ -131,6 +140,25 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                 .block_on(probe(sender, tokens, rate, in_round, stop))
         })
     });
+    if ctx.common.cluster.is_some() {
+        let on: Vec<usize> = (0..ctx.nodes.len())
+            .map(|k| open.iter().filter(|&&i| pool.slots[i].node == k).count())
+            .collect();
+        ctx.report.line(format!(
+            "cluster: streams per node {on:?}; {} via {}",
+            if o.publish {
+                "the publish"
+            } else {
+                "per-token sends"
+            },
+            if o.publish {
+                format!("node {}", ctx.common.via.home())
+            } else {
+                super::unicast::via_words(ctx.common.via)
+            }
+        ));
+    }
+    let redis_before = ctx.redis_stats().await;
     let cpu = ctx.cpu();
     let mut round_times = Histogram::default();
     let mut send_times = Histogram::default();
@@ -144,11 +172,8 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         let t0 = Instant::now();
         in_round.store(true, Ordering::Relaxed);
         let (accepted, failures) = if o.publish {
-            let mut s = senders[0]
-                .take()
-                .expect("sender is returned after each round");
             let body = publish_body(&o.channel, "bcast", r, t0_us);
-            let out = match s.post("/internal/publish", &body).await {
+            match publisher.post("/internal/publish", &body).await {
                 Ok((200, b)) => {
                     let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
                     (v["delivered"].as_u64().unwrap_or(0), vec![])
@@ -161,9 +186,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                     )],
                 ),
                 Err(e) => (0, vec![format!("publish: {e}")]),
-            };
-            senders[0] = Some(s);
-            out
+            }
         } else {
             let mut tasks = Vec::new();
             for (k, share) in shares.iter().enumerate() {
@@ -175,18 +198,29 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                 tasks.push(tokio::spawn(async move {
                     let (mut ok, mut fails) = (0u64, Vec::new());
                     for batch in share.chunks(pipeline) {
-                        let bodies: Vec<Vec<u8>> = batch
-                            .iter()
-                            .map(|slot| {
-                                let token = slot.token.get().expect("open_with_token filtered");
-                                send_body(token, "bcast", r, t0_us, "")
-                            })
-                            .collect();
-                        let answers = if pipeline == 1 {
-                            vec![s.post("/internal/send", &bodies[0]).await]
-                        } else {
-                            s.post_pipelined("/internal/send", &bodies).await
-                        };
+                        // Pipelined requests go per node they are routed to.
+                        let mut answers = Vec::with_capacity(batch.len());
+                        let mut routes: Vec<usize> =
+                            batch.iter().map(|sl| s.route(sl.node)).collect();
+                        routes.sort_unstable();
+                        routes.dedup();
+                        for node in routes {
+                            let bodies: Vec<Vec<u8>> = batch
+                                .iter()
+                                .filter(|slot| s.route(slot.node) == node)
+                                .map(|slot| {
+                                    let token = slot.token.get().expect("open_with_token filtered");
+                                    send_body(token, "bcast", r, t0_us, "")
+                                })
+                                .collect();
+                            if pipeline == 1 {
+                                answers.push(s.node(node).post("/internal/send", &bodies[0]).await);
+                            } else {
+                                answers.extend(
+                                    s.node(node).post_pipelined("/internal/send", &bodies).await,
+                                );
+                            }
+                        }
                         for answer in answers {
                             match answer {
                                 Ok((200, _)) => ok += 1,
@@ -208,7 +242,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                         fails.extend(f);
                     }
                     Err(e) => {
-                        senders[k] = Some(ctx.sender());
+                        senders[k] = Some(ctx.router());
                         fails.push(format!("sender task: {e}"));
                     }
                 }
@@ -296,10 +330,17 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     ));
     if let Some(c) = cpu_s {
         ctx.report.line(format!(
-            "gateway CPU during rounds: {c:.2} s = {:.1} µs per delivered event",
+            "{} CPU during rounds: {c:.2} s = {:.1} µs per delivered event",
+            if cpu.len() > 1 {
+                "gateways + redis"
+            } else {
+                "gateway"
+            },
             c * 1e6 / delivered.max(1) as f64
         ));
     }
+    ctx.cpu_breakdown(&cpu, "cpu_by_process");
+    ctx.redis_report(redis_before, delivered).await;
     ctx.report.set(
         "broadcast",
         json!({

@@ -39,11 +39,7 @@ pub async fn run(
     let mut tasks = Vec::new();
     for _ in 0..c {
         let next = next.clone();
-        let (dst, path, sources) = (
-            ctx.target.public,
-            ctx.common.path.clone(),
-            ctx.common.sources,
-        );
+        let (dsts, path, sources) = (ctx.publics(), ctx.common.path.clone(), ctx.common.sources);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::default();
             let mut fails: HashMap<String, u64> = HashMap::new();
@@ -54,6 +50,7 @@ pub async fn run(
                     break;
                 }
                 let client = FIRST_CLIENT + i;
+                let dst = dsts[i as usize % dsts.len()];
                 match open(client, source_for(i, sources), dst, &path, head_timeout).await {
                     Ok(o) => {
                         hist.record(o.time_to_headers.as_micros() as u64);

@@ -14,13 +14,16 @@ use crate::sys::{pss_bytes, rss_bytes, socket_slab_bytes, tcp_stat};
 struct Point {
     streams: u64,
     pss: Option<u64>,
+    redis_pss: Option<u64>,
     tcp_mem: u64,
     tcp_inuse: u64,
     slab: Option<u64>,
 }
 
 pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
-    let pid = ctx.target.pid;
+    // Every gateway's Pss, summed (one gateway: its own); Redis's apart.
+    let pids = ctx.gateway_pids();
+    let redis_pid = ctx.redis.as_ref().and_then(|r| r.pid);
     let settle = Duration::from_secs_f64(settle.max(0.0));
     if let Some(&biggest) = steps.iter().max() {
         ctx.cap(biggest);
@@ -29,7 +32,13 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
     steps.dedup();
     let me = std::process::id();
     tokio::time::sleep(settle).await;
-    let base = measure(pid, 0);
+    let base = measure(pids.as_deref(), redis_pid, 0);
+    if ctx.nodes.len() > 1 {
+        ctx.report.line(format!(
+            "gateway Pss below is the sum over the {} nodes; streams go round-robin over them",
+            ctx.nodes.len()
+        ));
+    }
     ctx.report.line(format!(
         "baseline: gateway Pss {}  kernel TCP mem {}  socket slab {}  TCP sockets in use {} (machine-wide)",
         base.pss.map_or("n/a".into(), mib),
@@ -76,7 +85,7 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
                 "step {target}: only {open} streams open after settling"
             ));
         }
-        let p = measure(pid, open);
+        let p = measure(pids.as_deref(), redis_pid, open);
         let per = |now: Option<u64>, was: Option<u64>| match (now, was) {
             (Some(a), Some(b)) if open > 0 => Some((a as f64 - b as f64) / open as f64),
             _ => None,
@@ -106,7 +115,7 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
             "gateway_pss_bytes": p.pss, "pss_per_stream_vs_baseline": pss_per.map(|v| round(v, 1)),
             "tcp_mem_bytes": p.tcp_mem, "tcp_inuse": p.tcp_inuse,
             "tcp_mem_per_stream_vs_baseline": tcp_per.map(|v| round(v, 1)),
-            "socket_slab_bytes": p.slab, "socket_slab_per_stream_vs_baseline": slab_per.map(|v| round(v, 1)),
+            "redis_pss_bytes": p.redis_pss, "socket_slab_bytes": p.slab, "socket_slab_per_stream_vs_baseline": slab_per.map(|v| round(v, 1)),
             "gateway_cpu_s": cpu_s.map(|c| round(c, 3)), "load_rss_bytes": load_rss,
         }));
         points.push(p);
@@ -114,7 +123,7 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
     let cpu_s = cpu.elapsed();
     ctx.report.set(
         "baseline",
-        json!({"gateway_pss_bytes": base.pss, "tcp_mem_bytes": base.tcp_mem}),
+        json!({"gateway_pss_bytes": base.pss, "redis_pss_bytes": base.redis_pss, "tcp_mem_bytes": base.tcp_mem}),
     );
     ctx.report.set("steps", rows);
     let pss_pts: Vec<(f64, f64)> = points
@@ -152,6 +161,19 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
         fmt(slab_ls),
         fmt(slab_fl)
     ));
+    let redis_pts: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| p.redis_pss.map(|v| (p.streams as f64, v as f64)))
+        .collect();
+    let redis_ls = slope(&redis_pts);
+    if let (Some(b), Some(last)) = (base.redis_pss, points.last().and_then(|p| p.redis_pss)) {
+        ctx.report.line(format!(
+            "redis-server Pss: {} before the first stream, {} at the last step; slope {} (not in the gateway figures)",
+            mib(b),
+            mib(last),
+            fmt(redis_ls)
+        ));
+    }
     let opened = ctx
         .sink
         .established
@@ -171,6 +193,7 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
             "tcp_mem_first_to_last": tcp_fl.map(|v| round(v, 1)),
             "socket_slab_least_squares": slab_ls.map(|v| round(v, 1)),
             "socket_slab_first_to_last": slab_fl.map(|v| round(v, 1)),
+            "redis_pss_least_squares": redis_ls.map(|v| round(v, 1)),
         }),
     );
     ctx.report.set("gateway_cpu_s", cpu_s.map(|c| round(c, 3)));
@@ -181,11 +204,12 @@ pub async fn run(ctx: &mut Ctx, steps: &[usize], settle: f64) {
     ctx.close_and_audit(pool).await;
 }
 
-fn measure(pid: Option<u32>, streams: u64) -> Point {
+fn measure(pids: Option<&[u32]>, redis: Option<u32>, streams: u64) -> Point {
     let tcp = tcp_stat().unwrap_or_default();
     Point {
         streams,
-        pss: pid.and_then(|p| pss_bytes(p).ok()),
+        pss: pids.and_then(|ps| ps.iter().map(|&p| pss_bytes(p).ok()).sum()),
+        redis_pss: redis.and_then(|p| pss_bytes(p).ok()),
         tcp_mem: tcp.mem_bytes,
         tcp_inuse: tcp.inuse,
         slab: socket_slab_bytes().ok(),

@@ -113,8 +113,18 @@ fn padding(len: usize) -> String {
 }
 
 pub async fn run(ctx: &mut Ctx, o: Opts) {
-    let pid = ctx.target.pid;
-    let pss = move || pid.and_then(|p| pss_bytes(p).ok());
+    let pids = ctx.gateway_pids();
+    // Every gateway's Pss and Rss, summed (one gateway: its own).
+    let sum = |f: fn(u32) -> std::io::Result<u64>| {
+        let pids = pids.clone();
+        move || {
+            pids.as_ref()?
+                .iter()
+                .map(|&p| f(p).ok())
+                .sum::<Option<u64>>()
+        }
+    };
+    let (pss, rss_all) = (sum(pss_bytes), sum(rss_bytes));
     let start_pss = pss();
     let pool = ctx.open_streams(o.streams).await;
     let open_idx = pool.open_with_token();
@@ -298,11 +308,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     for k in 0..o.churners {
         let (tally, backend, next_client) =
             (tally.clone(), ctx.backend.clone(), next_client.clone());
-        let (dst, path, sources) = (
-            ctx.target.public,
-            ctx.common.path.clone(),
-            ctx.common.sources,
-        );
+        let (dsts, path, sources) = (ctx.publics(), ctx.common.path.clone(), ctx.common.sources);
         let head_timeout = Duration::from_secs(ctx.common.head_timeout);
         let mut sender = ctx.sender();
         tasks.push(tokio::spawn(async move {
@@ -313,6 +319,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                 let abandon = r.is_multiple_of(8);
                 let wait = if abandon { ABANDON_AFTER } else { head_timeout };
                 let src = source_for(client, sources);
+                let dst = dsts[client as usize % dsts.len()];
                 let opened = match open(client, src, dst, &path, wait).await {
                     Ok(o) => o,
                     Err(OpenError::Timeout) if abandon => {
@@ -372,7 +379,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             break;
         }
         tokio::time::sleep_until(at.into()).await;
-        let (p, rss) = (pss(), pid.and_then(|p| rss_bytes(p).ok()));
+        let (p, rss) = (pss(), rss_all());
         let resident = slots
             .iter()
             .filter(|s| s.state.load(Relaxed) == OPEN)

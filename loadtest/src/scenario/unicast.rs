@@ -30,6 +30,9 @@ pub struct Opts {
     pub batch: usize,
 }
 
+/// A batch being built for one node: (node, the slots of its items in order, the body so far).
+type Group<'a> = (usize, Vec<&'a Arc<Slot>>, Vec<u8>);
+
 #[derive(Default)]
 struct SenderResult {
     /// Events attempted (items, in a batch).
@@ -37,6 +40,17 @@ struct SenderResult {
     ok: u64,
     latency: Histogram,
     failures: HashMap<String, u64>,
+}
+
+/// `--via` in words, for the report.
+pub fn via_words(via: crate::send::Via) -> String {
+    match via {
+        crate::send::Via::Node(k) => format!("node {k}"),
+        crate::send::Via::Holder => "the node holding the token (local)".to_owned(),
+        crate::send::Via::Other => {
+            "the next node after the holder (every request crosses through Redis)".to_owned()
+        }
+    }
 }
 
 /// xorshift64: enough randomness to pick tokens, no dependency.
@@ -85,6 +99,16 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             String::new()
         }
     ));
+    if ctx.common.cluster.is_some() {
+        let on: Vec<usize> = (0..ctx.nodes.len())
+            .map(|k| open.iter().filter(|&&i| pool.slots[i].node == k).count())
+            .collect();
+        ctx.report.line(format!(
+            "cluster: streams per node {on:?}; per-token requests via {}",
+            via_words(ctx.common.via)
+        ));
+    }
+    let redis_before = ctx.redis_stats().await;
     let cpu = ctx.cpu();
     let t0 = Instant::now();
     let deadline = t0 + duration;
@@ -96,7 +120,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             .step_by(c)
             .map(|&i| pool.slots[i].clone())
             .collect();
-        let mut sender = ctx.sender();
+        let mut router = ctx.router();
         let remaining = remaining.clone();
         let pad = pad.clone();
         let nchan = ctx.common.target == crate::cli::TargetKind::Nchan;
@@ -130,7 +154,10 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                         let seq = slot.next_seq.fetch_add(1, Ordering::Relaxed);
                         let body = send_body(token, "load", seq, now_us(), &pad);
                         let s = Instant::now();
-                        let ans = sender.post("/internal/send", &body).await;
+                        let ans = router
+                            .for_holder(slot.node)
+                            .post("/internal/send", &body)
+                            .await;
                         res.latency.record(s.elapsed().as_micros() as u64);
                         res.events += 1;
                         match ans {
@@ -148,16 +175,26 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                     }
                     continue;
                 }
-                // One /internal/batch of n sends; items for one token keep their seq order.
-                let mut slots = Vec::with_capacity(n);
-                let mut body = Vec::with_capacity(n * 96 + 16);
-                body.extend_from_slice(br#"{"requests":["#);
+                // n sends, as one /internal/batch per node they are routed to (one batch without
+                // --cluster or with a fixed --via); items for one token keep their seq order.
+                let mut groups: Vec<Group> = Vec::new();
                 let ts = now_us();
-                for i in 0..n {
+                for _ in 0..n {
                     let slot = &share[(next() % share.len() as u64) as usize];
                     let token = slot.token.get().expect("open_with_token filtered");
                     let seq = slot.next_seq.fetch_add(1, Ordering::Relaxed);
-                    if i > 0 {
+                    let node = router.route(slot.node);
+                    let g = match groups.iter().position(|g| g.0 == node) {
+                        Some(g) => g,
+                        None => {
+                            let mut body = Vec::with_capacity(n * 96 + 16);
+                            body.extend_from_slice(br#"{"requests":["#);
+                            groups.push((node, Vec::with_capacity(n), body));
+                            groups.len() - 1
+                        }
+                    };
+                    let (_, slots, body) = &mut groups[g];
+                    if !slots.is_empty() {
                         body.push(b',');
                     }
                     body.extend_from_slice(br#"{"op":"send","#);
@@ -165,36 +202,39 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
                     body.extend_from_slice(&send_body(token, "load", seq, ts, &pad)[1..]);
                     slots.push(slot);
                 }
-                body.extend_from_slice(b"]}");
-                let s = Instant::now();
-                let ans = sender.post("/internal/batch", &body).await;
-                res.latency.record(s.elapsed().as_micros() as u64);
-                res.events += n as u64;
-                let results = match &ans {
-                    Ok((200, b)) => serde_json::from_slice::<serde_json::Value>(b)
-                        .ok()
-                        .and_then(|v| v["results"].as_array().cloned())
-                        .filter(|r| r.len() == n),
-                    _ => None,
-                };
-                let Some(results) = results else {
-                    let why = match ans {
-                        Ok((st, b)) => {
-                            format!("batch status {st}: {}", String::from_utf8_lossy(&b))
-                        }
-                        Err(e) => e,
+                for (node, slots, mut body) in groups {
+                    body.extend_from_slice(b"]}");
+                    let n = slots.len();
+                    let s = Instant::now();
+                    let ans = router.node(node).post("/internal/batch", &body).await;
+                    res.latency.record(s.elapsed().as_micros() as u64);
+                    res.events += n as u64;
+                    let results = match &ans {
+                        Ok((200, b)) => serde_json::from_slice::<serde_json::Value>(b)
+                            .ok()
+                            .and_then(|v| v["results"].as_array().cloned())
+                            .filter(|r| r.len() == n),
+                        _ => None,
                     };
-                    *res.failures.entry(why).or_default() += n as u64;
-                    continue;
-                };
-                for (slot, r) in slots.iter().zip(&results) {
-                    if r["status"] == 200 {
-                        slot.expected.fetch_add(1, Ordering::Relaxed);
-                        res.ok += 1;
-                    } else {
-                        *res.failures
-                            .entry(format!("item status {}: {}", r["status"], r["body"]))
-                            .or_default() += 1;
+                    let Some(results) = results else {
+                        let why = match ans {
+                            Ok((st, b)) => {
+                                format!("batch status {st}: {}", String::from_utf8_lossy(&b))
+                            }
+                            Err(e) => e,
+                        };
+                        *res.failures.entry(why).or_default() += n as u64;
+                        continue;
+                    };
+                    for (slot, r) in slots.iter().zip(&results) {
+                        if r["status"] == 200 {
+                            slot.expected.fetch_add(1, Ordering::Relaxed);
+                            res.ok += 1;
+                        } else {
+                            *res.failures
+                                .entry(format!("item status {}: {}", r["status"], r["body"]))
+                                .or_default() += 1;
+                        }
                     }
                 }
             }
@@ -261,10 +301,17 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
     ));
     if let Some(c) = cpu_s {
         ctx.report.line(format!(
-            "gateway CPU during sending and delivery: {c:.2} s = {:.1} µs per delivered event",
+            "{} CPU during sending and delivery: {c:.2} s = {:.1} µs per delivered event",
+            if cpu.len() > 1 {
+                "gateways + redis"
+            } else {
+                "gateway"
+            },
             c * 1e6 / delivered.max(1) as f64
         ));
     }
+    ctx.cpu_breakdown(&cpu, "cpu_by_process");
+    ctx.redis_report(redis_before, delivered).await;
     ctx.report.set(
         "unicast",
         json!({

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# The load figures of issue 9 (PROTOCOL §10, several gateways joined by Redis): each scenario on one
+# gateway and on a cluster, side by side in the same run, alternating, --runs times; every run's log
+# and SUMMARY line under --out. loadtest/cluster-table.py turns them into medians and verdicts.
+#
+#   loadtest/cluster.sh [--runs 3] [--only publish18k,cross,density] [--duration 30] [--nodes 3] [--out DIR]
+#   loadtest/cluster.sh --quick          # smoke check: 1 run, 5 s of sends, two density steps (~2 min)
+#   --quiet-wait S: before each run wait up to S s for a second with the machine <= 15 % busy (a shared
+#   machine: other people's builds move latency percentiles most); each run's log and line carry loadavg.
+#
+# Scenarios (names for --only; `local` is extra, not in the default set):
+#   publish18k  one publish to 18k streams: one gateway vs 18k spread over --nodes (publish via node 0);
+#               200 probe sends/s to random tokens meanwhile (cluster: through a node not holding the token)
+#   cross       2k sends/s for --duration s to 1k streams: local sends on one gateway vs sends through a
+#               node that does not hold the token (--via other) on --nodes; CPU of all gateways + Redis
+#   density     memory per idle stream (Pss slope 1k -> 18k): REDIS_URL unset vs set (--cluster 1)
+#   local       as cross's cluster side, but each send goes to the node holding the token (--via holder):
+#               what REDIS_URL costs a send that stays local (compared with cross's single side)
+# Pinning as the single-node figures (BENCHMARKS.md §1): every gateway (WORKER_THREADS=1) and
+# redis-server on CPU 0, sse-load on CPU 1. GATEWAY_COMMIT names the binary's commit in machine.txt
+# (default: this checkout's HEAD). Every sse-load run is bounded (its own deadlines) and
+# wrapped in `timeout`; sse-load starts and stops Redis and the gateways itself. Needs:
+# cargo build --release -p sse-gateway -p sse-load, and /usr/bin/redis-server (Debian redis-server).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=3
+ONLY="publish18k,cross,density"
+DURATION=30
+NODES=3
+QUICK=0
+QUIET_WAIT=0
+QUIET_BUSY=15
+OUT=${OUT:-/tmp/sse-cluster.$$}
+TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
+LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
+REDIS_BIN=${REDIS_BIN:-/usr/bin/redis-server}
+SERVER_CPU=0
+LOAD_CPU=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --nodes) NODES=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) QUICK=1; RUNS=1; DURATION=5; shift ;;
+    --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--only publish18k,cross,density,local] [--duration S] [--nodes N] [--out DIR] [--quick] [--quiet-wait S]" >&2; exit 2 ;;
+  esac
+done
+[ -x "$REDIS_BIN" ] || { echo "$REDIS_BIN missing: apt-get install redis-server" >&2; exit 2; }
+[ -x "$GATEWAY_BIN" ] && [ -x "$LOAD" ] || { echo "build first: cargo build --release -p sse-gateway -p sse-load" >&2; exit 2; }
+mkdir -p "$OUT"
+if [ "$QUICK" = 1 ]; then
+  STEPS=1000,10000; SETTLE=1; ROUNDS=3
+else
+  STEPS=1000,5000,10000,18000; SETTLE=3; ROUNDS=5
+fi
+{
+  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "nproc $(nproc)"
+  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "kernel $(uname -r)"
+  echo "redis $("$REDIS_BIN" --version)"
+  echo "gateway $GATEWAY_BIN (built from ${GATEWAY_COMMIT:-$(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?')})"
+  echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK quiet_wait=$QUIET_WAIT"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# busy_pct: share of both CPUs busy over the next second (/proc/stat), all processes.
+busy_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+  echo $(( total > 0 ? 100 - 100 * idle / total : 0 ))
+}
+
+# quiet: with --quiet-wait S, wait up to S s for a second in which the machine is at most
+# QUIET_BUSY % busy (other people's builds on a shared machine), and say what was found.
+quiet() {
+  [ "$QUIET_WAIT" -gt 0 ] || return 0
+  local t0=$SECONDS b
+  while :; do
+    b=$(busy_pct)
+    [ "$b" -le "$QUIET_BUSY" ] && { echo "   (machine ${b}% busy after $((SECONDS - t0)) s of waiting)"; return 0; }
+    [ $((SECONDS - t0)) -ge "$QUIET_WAIT" ] && { echo "   (machine still ${b}% busy after ${QUIET_WAIT} s: running anyway)"; return 0; }
+    sleep 2
+  done
+}
+
+# run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
+run() {
+  local name=$1 side=$2 n=$3; shift 4
+  local log="$OUT/$name.$side.$n.log"
+  quiet
+  local t0=$SECONDS load0
+  load0=$(cut -d' ' -f1-3 /proc/loadavg)
+  echo "loadavg before: $load0" > "$log"
+  timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" --redis-bin "$REDIS_BIN" \
+    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 >> "$log" 2>&1 || true
+  echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$log"
+  echo "== $name $side run $n ($((SECONDS - t0)) s, loadavg $load0 -> $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
+  grep -E '^SUMMARY' "$log" >> "$OUT/$name.$side.summaries" || true
+}
+
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+UNI="unicast -n 1000 -c 8 --rate 2000 --duration $DURATION"
+PUB="broadcast -n 18000 --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10 --probe-rate 200"
+for n in $(seq "$RUNS"); do
+  if want publish18k; then
+    run publish18k single "$n" -- $PUB
+    run publish18k cluster "$n" -- $PUB --cluster "$NODES" --via other
+  fi
+  if want cross; then
+    run cross single "$n" -- $UNI
+    run cross cluster "$n" -- $UNI --cluster "$NODES" --via other
+  fi
+  if want local; then   # its single-node side is cross's
+    run local cluster "$n" -- $UNI --cluster "$NODES" --via holder
+  fi
+  if want density; then
+    run density single "$n" -- density --steps "$STEPS" --settle "$SETTLE"
+    run density cluster "$n" -- density --steps "$STEPS" --settle "$SETTLE" --cluster 1
+  fi
+done
+echo "logs and SUMMARY lines in $OUT; table: loadtest/cluster-table.py $OUT"
