@@ -43,6 +43,10 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_millis(500);
 /// Multi-channel publishes remembered to deliver each once, though it arrives once per channel.
 const RECENT_PUBLISHES: usize = 4096;
+/// Publishes fanning out at once on this node. Past it the dispatcher waits for one to finish, so a
+/// flood of publishes queues as messages (a frame each), not as fan-outs holding member lists, and
+/// a message that waited past its sender's deadline is dropped unapplied when its turn comes.
+const MAX_FANOUTS: usize = 64;
 
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
@@ -485,6 +489,7 @@ async fn dispatch(
     lost: oneshot::Sender<()>,
 ) {
     let mut recent = Recent::default();
+    let fanouts = Arc::new(tokio::sync::Semaphore::new(MAX_FANOUTS));
     while let Some(push) = pushes.recv().await {
         match push.kind {
             PushKind::Disconnection => break,
@@ -495,7 +500,7 @@ async fn dispatch(
                 let Some(gateway) = gateway.upgrade() else {
                     break;
                 };
-                handle(&gateway, &replies, &mut recent, payload.into()).await;
+                handle(&gateway, &replies, &mut recent, &fanouts, payload.into()).await;
             }
             // Subscribe confirmations and the like: redis-rs has matched them to their commands.
             _ => {}
@@ -504,7 +509,13 @@ async fn dispatch(
     let _ = lost.send(());
 }
 
-async fn handle(gateway: &Arc<Gateway>, replies: &Replies, recent: &mut Recent, payload: Bytes) {
+async fn handle(
+    gateway: &Arc<Gateway>,
+    replies: &Replies,
+    recent: &mut Recent,
+    fanouts: &Arc<tokio::sync::Semaphore>,
+    payload: Bytes,
+) {
     match message::decode(&payload) {
         None => log!(
             Level::Warn,
@@ -554,12 +565,19 @@ async fn handle(gateway: &Arc<Gateway>, replies: &Replies, recent: &mut Recent, 
                 replies.send(origin, Code::Delivered, 0);
                 return;
             }
+            let Ok(permit) = fanouts.clone().acquire_owned().await else {
+                return;
+            };
+            if origin.expires_ms < now_ms() {
+                return;
+            }
             let names = payload.slice_ref(names);
             let frame = (frame_at < payload.len()).then(|| payload.slice(frame_at..));
             let (gateway, replies) = (gateway.clone(), replies.clone());
             tokio::spawn(async move {
                 let names: Vec<&str> = message::names(&names).collect();
                 let delivered = gateway.deliver_published(&names, frame, close).await;
+                drop(permit);
                 replies.send(origin, Code::Delivered, delivered as u64);
             });
         }
