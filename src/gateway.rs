@@ -258,8 +258,12 @@ impl Gateway {
 
     /// The open stream a token names: registered and accepted by its connect callback.
     fn open_stream(&self, token: &str) -> Option<Arc<Stream>> {
-        Token::parse(token)
-            .and_then(|token| self.registry.get(token))
+        Token::parse(token).and_then(|token| self.accepted(token))
+    }
+
+    fn accepted(&self, token: Token) -> Option<Arc<Stream>> {
+        self.registry
+            .get(token)
             .filter(|stream| stream.is_accepted())
     }
 
@@ -303,8 +307,9 @@ impl Gateway {
         send: &command::Send<'_>,
         batch: Option<&mut Batch<'_>>,
     ) -> Result<(), SendError> {
-        let frame = send.event.as_ref().map(frame::encode);
+        let encode = || send.event.as_ref().map(frame::encode);
         if let Some((cluster, token)) = self.remote(send.token) {
+            let frame = encode();
             let rest: &[&[u8]] = match &frame {
                 Some(frame) => &[frame],
                 None => &[],
@@ -319,8 +324,9 @@ impl Gateway {
                 Err(err) => Err(SendError::Cluster(err)),
             };
         }
+        // Looked up before the frame is encoded: a send to a gone token costs no encoding.
         let stream = self.open_stream(send.token).ok_or(SendError::NotFound)?;
-        self.send_local(&stream, frame.as_ref(), send.close, batch)
+        self.send_local(&stream, encode().as_ref(), send.close, batch)
     }
 
     fn send_local(
@@ -450,7 +456,7 @@ impl Gateway {
     /// A request another node forwarded for one of this node's tokens (PROTOCOL §10), applied as
     /// the same request made here would be; the answer goes back to that node.
     pub(crate) async fn apply_forwarded(&self, token: Token, ask: Ask, rest: Bytes) -> (Code, u64) {
-        let Some(stream) = self.registry.get(token).filter(|s| s.is_accepted()) else {
+        let Some(stream) = self.accepted(token) else {
             return (Code::NotFound, 0);
         };
         match ask {
