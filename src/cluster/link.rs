@@ -12,6 +12,7 @@
 //! known to be complete before the node says it is ready, so this module decides when to connect.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -223,9 +224,7 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
         redis::cmd("CLIENT").arg("ID").query_async(&mut connection),
     )
     .await?;
-    cluster
-        .client_id
-        .store(client_id, std::sync::atomic::Ordering::Relaxed);
+    cluster.client_id.store(client_id, Ordering::Relaxed);
     let gateway = gateway.upgrade().ok_or("the gateway is gone")?;
     // Interest is rebuilt from what is local now; changes queued meanwhile follow it in order.
     let names = gateway.channels.names();
@@ -240,13 +239,13 @@ async fn join(cluster: &Arc<Cluster>, gateway: &Weak<Gateway>) -> Result<Joined,
     .await?;
     heartbeat(cluster, &mut connection).await?;
     *cluster.connection.lock() = Some(connection.clone());
-    cluster.up.store(true, std::sync::atomic::Ordering::Release);
+    cluster.up.store(true, Ordering::Release);
     log!(
         Level::Info,
         "cluster: joined Redis as node {} ({} channels, {} nodes)",
         cluster.node,
         names.len(),
-        cluster.nodes.load(std::sync::atomic::Ordering::Relaxed)
+        cluster.nodes.load(Ordering::Relaxed)
     );
     Ok((connection, received))
 }
@@ -286,18 +285,18 @@ async fn heartbeat(
     connection: &mut MultiplexedConnection,
 ) -> Result<(), String> {
     let now = now_ms();
+    let instance = format!("{:016x}", cluster.instance);
     let member = format!(
-        "{}:{:016x}:{}",
+        "{}:{instance}:{}",
         cluster.node,
-        cluster.instance,
-        cluster.client_id.load(std::sync::atomic::Ordering::Relaxed)
+        cluster.client_id.load(Ordering::Relaxed)
     );
     let nodes = cluster.keys.nodes();
     let mut pipeline = redis::pipe();
     pipeline
         .cmd("SET")
         .arg(cluster.keys.claim(cluster.node))
-        .arg(format!("{:016x}", cluster.instance))
+        .arg(&instance)
         .arg("PX")
         .arg(NODE_TTL_MS)
         .ignore()
@@ -339,14 +338,11 @@ async fn heartbeat(
         );
     }
     let own = cluster.node.to_string();
-    let instance = format!("{:016x}", cluster.instance);
     let shared = live.iter().any(|member| {
         let mut parts = member.split(':');
         parts.next() == Some(own.as_str()) && parts.next() != Some(instance.as_str())
     });
-    let was_shared = cluster
-        .shared
-        .swap(shared, std::sync::atomic::Ordering::Relaxed);
+    let was_shared = cluster.shared.swap(shared, Ordering::Relaxed);
     if shared && !was_shared {
         log!(
             Level::Warn,
@@ -354,9 +350,7 @@ async fn heartbeat(
             cluster.node
         );
     }
-    cluster
-        .nodes
-        .store(live.len(), std::sync::atomic::Ordering::Relaxed);
+    cluster.nodes.store(live.len(), Ordering::Relaxed);
     Ok(())
 }
 
@@ -422,10 +416,9 @@ async fn apply_changes(
             Change::Watch(names, done) => {
                 let mut names: HashSet<Arc<str>> = names.into_iter().collect();
                 let mut waiters = vec![done];
-                while let Some(Change::Watch(..)) = round.peek() {
-                    let Some(Change::Watch(more, done)) = round.next() else {
-                        unreachable!("peeked")
-                    };
+                while let Some(Change::Watch(more, done)) =
+                    round.next_if(|change| matches!(change, Change::Watch(..)))
+                {
                     names.extend(more);
                     waiters.push(done);
                 }
@@ -450,10 +443,9 @@ async fn apply_changes(
             }
             Change::Unwatch(name) => {
                 let mut names = vec![name];
-                while let Some(Change::Unwatch(_)) = round.peek() {
-                    let Some(Change::Unwatch(name)) = round.next() else {
-                        unreachable!("peeked")
-                    };
+                while let Some(Change::Unwatch(name)) =
+                    round.next_if(|change| matches!(change, Change::Unwatch(_)))
+                {
                     names.push(name);
                 }
                 // A channel joined again since it emptied keeps its subscription.
