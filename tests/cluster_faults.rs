@@ -87,6 +87,16 @@ impl Rooms {
     }
 }
 
+/// After an outage: a send through A reaches C's stream `tc`, and the send that was refused
+/// during the outage never arrives (nothing else is on that stream).
+async fn refused_send_never_arrives(cl: &Cluster, tc: &str, c_direct: &mut SseStream) {
+    cl.nodes[A]
+        .send_ok(&json!({"token": tc, "event": {"data": "via A again"}}))
+        .await;
+    let (direct, _) = drain(c_direct, LATE).await;
+    assert_eq!(direct, ["via A again"], "the refused send never arrives");
+}
+
 /// Every publish of a test with its answer, checked at the end against what the streams got.
 #[derive(Debug, Default)]
 struct Ledger {
@@ -95,6 +105,19 @@ struct Ledger {
 }
 
 impl Ledger {
+    /// A publish to `room` through every node, each complete and reaching `delivered` streams.
+    async fn publish_through_each(&mut self, cl: &Cluster, delivered: u64) {
+        for gw in &cl.nodes {
+            assert_eq!(
+                self.publish(gw, "room", "room").await,
+                Outcome::Delivered {
+                    delivered,
+                    complete: true
+                }
+            );
+        }
+    }
+
     /// Publishes `label#<next>` to `channel` through `gw`, records the answer and returns it.
     async fn publish(&mut self, gw: &common::Gateway, channel: &str, label: &str) -> Outcome {
         let data = seq_data(label, self.next);
@@ -348,24 +371,12 @@ async fn redis_killed_mid_run_then_restarted_on_the_same_port() {
         assert_eq!(gw.metrics().await.get(REDIS_UP, &[]), Some(1.0));
     }
     // Interest restored on every node: a publish through each reaches all three.
-    for gw in &cl.nodes {
-        assert_eq!(
-            ledger.publish(gw, "room", "room").await,
-            Outcome::Delivered {
-                delivered: 3,
-                complete: true
-            }
-        );
-    }
-    cl.nodes[A]
-        .send_ok(&json!({"token": tc, "event": {"data": "via A again"}}))
-        .await;
+    ledger.publish_through_each(&cl, 3).await;
+    refused_send_never_arrives(&cl, &tc, &mut c_direct).await;
 
     a_got.extend(drain(&mut a_room, LATE).await.0);
     c_got.extend(drain(&mut c_room, LATE).await.0);
     let (b, _) = drain(&mut b_local, LATE).await;
-    let (direct, _) = drain(&mut c_direct, LATE).await;
-    assert_eq!(direct, ["via A again"], "the refused send never arrives");
     ledger.check(&[("a_room", a_got), ("c_room", c_got), ("b_local", b)]);
 }
 
@@ -426,24 +437,12 @@ async fn redis_paused_for_10_s_is_noticed_and_nothing_is_delivered_twice() {
         .await;
     eprintln!("Redis resumed: full service after {took:?}");
     cl.wait_joined(3, SOON).await;
-    for gw in &cl.nodes {
-        assert_eq!(
-            ledger.publish(gw, "room", "room").await,
-            Outcome::Delivered {
-                delivered: 2,
-                complete: true
-            }
-        );
-    }
-    cl.nodes[A]
-        .send_ok(&json!({"token": tc, "event": {"data": "via A again"}}))
-        .await;
+    ledger.publish_through_each(&cl, 2).await;
+    refused_send_never_arrives(&cl, &tc, &mut c_direct).await;
 
     // Whatever Redis had buffered while paused must not show up now.
     a_got.extend(drain(&mut a_room, LATE).await.0);
     c_got.extend(drain(&mut c_room, LATE).await.0);
-    let (direct, _) = drain(&mut c_direct, LATE).await;
-    assert_eq!(direct, ["via A again"], "the refused send never arrives");
     ledger.check(&[("a_room", a_got), ("c_room", c_got)]);
 }
 
