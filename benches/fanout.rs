@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
                 || (),
                 |()| {
                     for s in &streams {
-                        s.deliver(Some(&frame), false, MAX_QUEUE_BYTES);
+                        s.deliver(Some(&frame), false, MAX_QUEUE_BYTES, 0);
                     }
                     drain(&streams, &mut out);
                 },
@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
                 |()| {
                     for s in &streams {
                         let copy = Bytes::copy_from_slice(&frame);
-                        s.deliver(Some(&copy), false, MAX_QUEUE_BYTES);
+                        s.deliver(Some(&copy), false, MAX_QUEUE_BYTES, 0);
                     }
                     drain(&streams, &mut out);
                 },

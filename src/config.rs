@@ -36,6 +36,9 @@ pub const ENV_INTERNAL_INSECURE: &str = "INTERNAL_INSECURE";
 pub const ENV_MAX_BATCH_ITEMS: &str = "MAX_BATCH_ITEMS";
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 pub const ENV_CLUSTER_TIMEOUT_MS: &str = "CLUSTER_TIMEOUT_MS";
+pub const ENV_HISTORY_SIZE: &str = "HISTORY_SIZE";
+pub const ENV_HISTORY_TTL_SECONDS: &str = "HISTORY_TTL_SECONDS";
+pub const ENV_HISTORY_MAX_BYTES: &str = "HISTORY_MAX_BYTES";
 
 /// One environment variable as `--help` and README's configuration table show it.
 #[derive(Clone, Copy, Debug)]
@@ -164,6 +167,21 @@ pub const VARIABLES: &[Variable] = &[
         default: "1000",
         meaning: "how long a node waits for the others' answers (1 to 60000); a send past it is 504, a publish answers `complete:false`",
     },
+    Variable {
+        name: ENV_HISTORY_SIZE,
+        default: "0",
+        meaning: "events kept per channel for `Last-Event-ID` resume (0 to 10000; PROTOCOL §11); 0: history off, publishes carry no gateway id",
+    },
+    Variable {
+        name: ENV_HISTORY_TTL_SECONDS,
+        default: "300",
+        meaning: "how long a kept event can be replayed (1 to 86400); an event older than that counts as lost (`gateway.gap`)",
+    },
+    Variable {
+        name: ENV_HISTORY_MAX_BYTES,
+        default: "67108864",
+        meaning: "bytes of history all channels together may keep on one node (4096 to 2^40), oldest dropped first; in a cluster Redis keeps the history and its own `maxmemory` bounds it",
+    },
 ];
 
 /// A callback endpoint, split once at start-up so each callback only formats a request.
@@ -210,6 +228,11 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// How long a node waits for the other nodes' answers.
     pub cluster_timeout: Duration,
+    /// Events kept per channel (PROTOCOL §11); 0 is history off.
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    /// Bytes of history kept in this process (single node).
+    pub history_max_bytes: usize,
 }
 
 /// Why start-up stops (exit status 2); every case names the variable to change.
@@ -392,6 +415,24 @@ impl Config {
                 1..=60_000,
                 1000,
             )?),
+            history_size: env.ranged(
+                ENV_HISTORY_SIZE,
+                "an integer from 0 (history off) to 10000",
+                0..=10_000,
+                0,
+            )?,
+            history_ttl: Duration::from_secs(env.ranged(
+                ENV_HISTORY_TTL_SECONDS,
+                "an integer number of seconds from 1 to 86400",
+                1..=86_400,
+                300,
+            )?),
+            history_max_bytes: env.ranged(
+                ENV_HISTORY_MAX_BYTES,
+                "an integer number of bytes from 4096 to 1099511627776",
+                4096..=1 << 40,
+                64 << 20,
+            )?,
         };
         config.check_internal_exposure()?;
         Ok(config)

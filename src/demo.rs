@@ -33,7 +33,10 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::body::ResponseBody;
-use crate::config::{Config, ConfigError, ENV_CALLBACK_URL, ENV_HOST, ENV_PORT};
+use crate::config::{
+    Config, ConfigError, ENV_CALLBACK_URL, ENV_HISTORY_SIZE, ENV_HISTORY_TTL_SECONDS, ENV_HOST,
+    ENV_PORT,
+};
 use crate::{log, log::Level};
 
 /// The page, embedded so that the binary alone is the whole demo.
@@ -216,7 +219,9 @@ impl Setup {
     }
 
     /// `lookup` first, then the demo defaults: `HOST=127.0.0.1`, `PORT=3000`, `CALLBACK_URL` the
-    /// built-in double. An operator's `CALLBACK_URL` still wins (the tests use one that can refuse).
+    /// built-in double, and history on (`HISTORY_SIZE=100`, `HISTORY_TTL_SECONDS=60`, so that a page
+    /// away for over a minute shows the gap). An operator's `CALLBACK_URL` still wins (the tests use
+    /// one that can refuse).
     pub fn config_from(
         &self,
         lookup: impl Fn(&str) -> Option<String>,
@@ -226,6 +231,8 @@ impl Setup {
                 ENV_HOST => Some("127.0.0.1".to_owned()),
                 ENV_PORT => Some("3000".to_owned()),
                 ENV_CALLBACK_URL => Some(self.demo.backend_url.clone()),
+                ENV_HISTORY_SIZE => Some("100".to_owned()),
+                ENV_HISTORY_TTL_SECONDS => Some("60".to_owned()),
                 _ => None,
             })
         })

@@ -23,6 +23,7 @@ use crate::command;
 use crate::config::Config;
 use crate::demo::Demo;
 use crate::frame;
+use crate::history::{self, memory, Resume};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::stream::{Delivery, EndReason, Full, Stream};
@@ -48,6 +49,9 @@ pub struct Gateway {
     pub callbacks: Option<Arc<Callbacks>>,
     /// The other nodes of the deployment, with `REDIS_URL`.
     pub cluster: Option<Arc<Cluster>>,
+    /// The single node's channel history (PROTOCOL §11), with `HISTORY_SIZE`; in a cluster Redis
+    /// keeps it (see [`Cluster::history`]).
+    pub history: Option<memory::Store>,
     draining: AtomicBool,
     /// Streams admitted: open ones plus those whose connect callback is in flight.
     admitted: AtomicUsize,
@@ -101,7 +105,15 @@ impl Gateway {
         let emptied = cluster.clone().map(|cluster| -> channels::Emptied {
             Box::new(move |name| cluster.channel_emptied(name))
         });
+        let history = (config.history_size > 0 && cluster.is_none()).then(|| {
+            memory::Store::new(
+                config.history_size,
+                config.history_ttl,
+                config.history_max_bytes,
+            )
+        });
         let gateway = Arc::new(Gateway {
+            history,
             config,
             demo,
             registry: Registry::with_node(cluster.as_ref().map(|c| c.node)),
@@ -115,7 +127,15 @@ impl Gateway {
         if let Some(cluster) = &gateway.cluster {
             cluster.start(Arc::downgrade(&gateway));
         }
+        if gateway.history.is_some() {
+            tokio::spawn(expire_history(Arc::downgrade(&gateway)));
+        }
         gateway
+    }
+
+    /// Whether published events carry positions and streams resume (`HISTORY_SIZE` > 0).
+    pub fn history_on(&self) -> bool {
+        self.config.history_size > 0
     }
 
     pub fn is_draining(&self) -> bool {
@@ -128,7 +148,14 @@ impl Gateway {
     /// The callback runs in its own task and the body is created there: if the client leaves while
     /// the callback is in flight (hyper drops the request future), the body is dropped unsent, and
     /// its `Drop` reports `client_closed` — so a 2xx token always gets exactly one disconnect.
-    pub async fn open(self: &Arc<Self>, request: Bytes) -> Result<StreamGuard, OpenError> {
+    ///
+    /// `last_event_id` is the position the client came back with (history on only): the stream
+    /// resumes from it in the channels its connect callback decided, before it is accepted.
+    pub async fn open(
+        self: &Arc<Self>,
+        request: Bytes,
+        last_event_id: Option<String>,
+    ) -> Result<StreamGuard, OpenError> {
         let Some(callbacks) = self.callbacks.clone() else {
             return Err(OpenError::NotConfigured);
         };
@@ -175,9 +202,16 @@ impl Gateway {
                         let _ = answer_tx.send(Err(OpenError::InvalidChannels));
                         return;
                     }
-                    if let (Some(cluster), Ok(names)) = (&gateway.cluster, &joined) {
+                    let names = joined.unwrap_or_default();
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    if let Some(cluster) = &gateway.cluster {
                         // Reachable by a publish through any node before the client hears 200.
-                        cluster.watch(names.iter().map(String::as_str)).await;
+                        cluster.watch(names.iter().copied()).await;
+                    }
+                    if let (Some(last), false) = (&last_event_id, names.is_empty()) {
+                        // After the join: what is published from here on is live, the rest
+                        // kept, and [`Stream::resume`] merges the two.
+                        gateway.resume(&stream, &names, last).await;
                     }
                     gateway
                         .metrics
@@ -336,7 +370,7 @@ impl Gateway {
         close: bool,
         batch: Option<&mut Batch<'_>>,
     ) -> Result<(), SendError> {
-        match self.deliver(stream, frame, close, batch) {
+        match self.deliver(stream, frame, close, batch, 0) {
             Ok(true) => {
                 log!(
                     Level::Debug,
@@ -355,17 +389,31 @@ impl Gateway {
         publish: &command::Publish<'_>,
         batch: Option<&mut Batch<'_>>,
     ) -> Result<Published, ClusterError> {
-        let frame = publish.event.as_ref().map(frame::encode);
+        let recorded = self.history_on() && publish.event.is_some();
         if let Some(cluster) = &self.cluster {
+            let frame = publish.event.as_ref().map(frame::encode);
             // Every node's members, this node's too, get the frame through Redis: a publish
-            // Redis refused delivered nothing anywhere (PROTOCOL §10).
+            // Redis refused delivered nothing anywhere (PROTOCOL §10). With history, Redis gives
+            // the event its position and keeps it in the same step.
             return cluster
-                .publish(&publish.channels, frame.as_ref(), publish.close)
+                .publish(&publish.channels, frame.as_ref(), publish.close, recorded)
                 .await;
         }
-        let delivered = self
-            .fan_out(&publish.channels, frame.as_ref(), publish.close, batch)
-            .await;
+        let delivered = match (&self.history, &publish.event) {
+            (Some(history), Some(event)) => {
+                // Positions are handed out and delivered in one order (see `Store::order`).
+                let _order = history.order.lock().await;
+                let (position, frame) = history.record(&publish.channels, event);
+                let frame = Some(&frame);
+                self.fan_out(&publish.channels, frame, publish.close, batch, position.seq)
+                    .await
+            }
+            _ => {
+                let frame = publish.event.as_ref().map(frame::encode);
+                self.fan_out(&publish.channels, frame.as_ref(), publish.close, batch, 0)
+                    .await
+            }
+        };
         Ok(Published {
             delivered: delivered as u64,
             complete: true,
@@ -373,12 +421,14 @@ impl Gateway {
     }
 
     /// Delivers `frame` to this node's members of any of `names`, in chunks between yields.
+    /// `seq`: the frame's position with history on, else 0.
     async fn fan_out(
         &self,
         names: &[&str],
         frame: Option<&Bytes>,
         close: bool,
         mut batch: Option<&mut Batch<'_>>,
+        seq: u64,
     ) -> usize {
         let members = self.channels.members_of_any(names.iter().copied());
         let frame_len = frame.map_or(0, Bytes::len).max(1);
@@ -393,7 +443,7 @@ impl Gateway {
             }
             for stream in chunk {
                 let batch = batch.as_deref_mut();
-                if matches!(self.deliver(stream, frame, close, batch), Ok(true)) {
+                if matches!(self.deliver(stream, frame, close, batch, seq), Ok(true)) {
                     delivered += 1;
                 }
             }
@@ -489,7 +539,54 @@ impl Gateway {
         frame: Option<Bytes>,
         close: bool,
     ) -> usize {
-        self.fan_out(names, frame.as_ref(), close, None).await
+        let seq = match &frame {
+            Some(frame) if self.history_on() => history::position_of(frame).map_or(0, |p| p.seq),
+            _ => 0,
+        };
+        self.fan_out(names, frame.as_ref(), close, None, seq).await
+    }
+
+    /// Puts what `stream` missed in `names` since position `last` before its live events
+    /// (PROTOCOL §11), or the gap event when that cannot be done. Called after the join.
+    async fn resume(&self, stream: &Stream, names: &[&str], last: &str) {
+        let after = history::Position::parse(last).map_or(u64::MAX, |p| p.seq);
+        let snapshot = match (&self.history, &self.cluster) {
+            (Some(history), _) => Ok(history.snapshot(names, after)),
+            (None, Some(cluster)) => cluster.history(names, after).await,
+            (None, None) => return,
+        };
+        let Ok((now, kept)) = snapshot else {
+            // Neither a resume nor a gap can be told without the history: the page reconnects
+            // by itself after this clean end, and resumes once Redis answers.
+            log!(
+                Level::Warn,
+                "cluster: history unreachable, ending the resuming stream token={}",
+                stream.token
+            );
+            self.end(stream, EndReason::ServerClosed);
+            return;
+        };
+        let max = self.config.max_queue_bytes;
+        let gap = match history::resolve(last, now, self.config.history_ttl, kept) {
+            Resume::Complete { frames, through } => {
+                // A replay larger than the stream's queue bound cannot be written: a gap too.
+                (!stream.resume(frames, through, max)).then(|| history::gap(last, &now))
+            }
+            Resume::Gap { frame, through } => Some((frame, through)),
+        };
+        let complete = gap.is_none();
+        if let Some((frame, through)) = gap {
+            if !stream.resume(vec![frame], through, max) {
+                self.end(stream, EndReason::Error);
+            }
+        }
+        self.metrics.resumed(complete);
+        log!(
+            Level::Debug,
+            "resume from {last:?}: {} token={}",
+            if complete { "complete" } else { "gap" },
+            stream.token
+        );
     }
 
     /// Queues `frame` (if any) on `stream` and, with `close`, ends it after the frame; reports the
@@ -502,10 +599,11 @@ impl Gateway {
         frame: Option<&Bytes>,
         close: bool,
         batch: Option<&mut Batch<'_>>,
+        seq: u64,
     ) -> Result<bool, Overflowed> {
         let delivery = match (frame, batch) {
-            (Some(frame), Some(batch)) if !close => batch.defer(stream, frame),
-            _ => stream.deliver(frame, close, self.config.max_queue_bytes),
+            (Some(frame), Some(batch)) if !close => batch.defer(stream, frame, seq),
+            _ => stream.deliver(frame, close, self.config.max_queue_bytes, seq),
         };
         match delivery {
             Delivery::Queued { ended } => {
@@ -532,7 +630,7 @@ impl Gateway {
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(true)
             }
-            Delivery::AlreadyEnded => Ok(false),
+            Delivery::AlreadyEnded | Delivery::Replayed => Ok(false),
             Delivery::Overflowed => {
                 log!(
                     Level::Warn,
@@ -561,6 +659,21 @@ impl Gateway {
             if stream.is_accepted() {
                 self.end(&stream, EndReason::ServerClosed);
             }
+        }
+    }
+}
+
+/// Drops expired history every second, until the gateway is gone.
+async fn expire_history(gateway: std::sync::Weak<Gateway>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(gateway) = gateway.upgrade() else {
+            return;
+        };
+        if let Some(history) = &gateway.history {
+            history.expire();
         }
     }
 }
@@ -617,6 +730,10 @@ pub struct Batch<'g> {
 }
 
 impl Batch<'_> {
+    pub fn history_on(&self) -> bool {
+        self.gateway.history_on()
+    }
+
     pub async fn send(&mut self, send: &command::Send<'_>) -> Result<(), SendError> {
         let gateway = self.gateway;
         gateway.send_to(send, Some(self)).await
@@ -656,10 +773,10 @@ impl Batch<'_> {
     /// Queues `frame` on `stream` for the next flush. A queue full of this batch's frames is
     /// written first (as single requests would have been), so only a client that does not read
     /// overflows.
-    fn defer(&mut self, stream: &Arc<Stream>, frame: &Bytes) -> Delivery {
+    fn defer(&mut self, stream: &Arc<Stream>, frame: &Bytes, seq: u64) -> Delivery {
         let max = self.gateway.config.max_queue_bytes;
         let delivery = loop {
-            match stream.defer(frame, max) {
+            match stream.defer(frame, max, seq) {
                 Ok(delivery) => break delivery,
                 Err(Full) => self.flush_one(stream),
             }

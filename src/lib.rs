@@ -18,6 +18,8 @@
 //! - [`channels`]: named channels' members, for one-request fan-out.
 //! - [`cluster`]: with `REDIS_URL`, the other gateways of the deployment through Redis: requests for
 //!   their tokens, publishes to every node's members, this node's channel interest.
+//! - [`history`]: with `HISTORY_SIZE`, channel events kept for `Last-Event-ID` resume: positions,
+//!   the gap rule, and the single node's in-memory keeper (Redis keeps it in a cluster).
 //! - [`token`]: UUID v4 tokens that carry their registry address.
 //! - [`stream`]: one stream's byte-bounded frame queue and end state.
 //! - [`frame`]: SSE encoding, once per event, into shared `Bytes`.
@@ -43,6 +45,7 @@ pub mod demo;
 pub mod frame;
 pub mod gateway;
 pub mod heartbeat;
+pub mod history;
 #[macro_use]
 pub mod log;
 pub mod memory;

@@ -51,12 +51,18 @@ pub struct Metrics {
     pub socket_writes_total: AtomicU64,
     pub batches_total: AtomicU64,
     pub batch_items_total: AtomicU64,
+    /// Streams that came back with a position (PROTOCOL §11): resumed completely, or given a gap.
+    resumes: [AtomicU64; 2],
     disconnects: [AtomicU64; 3],
     callback_errors: [AtomicU64; 2],
     callback_latency: [Histogram; 2],
 }
 
 impl Metrics {
+    pub fn resumed(&self, complete: bool) {
+        self.resumes[usize::from(!complete)].fetch_add(1, Relaxed);
+    }
+
     pub fn disconnect(&self, reason: EndReason) {
         self.disconnects[reason.index()].fetch_add(1, Relaxed);
     }
@@ -84,6 +90,7 @@ impl Metrics {
         connections: usize,
         channels: usize,
         callback_queue: [usize; 2],
+        history_bytes: usize,
     ) -> String {
         let mut out = String::with_capacity(4096);
         let mut counter = |name: &str, help: &str, value: u64| {
@@ -148,6 +155,23 @@ impl Metrics {
             "sse_gateway_connections",
             "Open streams.",
             connections,
+        );
+        gauge(
+            &mut out,
+            "sse_gateway_history_bytes",
+            "Bytes of channel history this process keeps for Last-Event-ID resume (0 with history off, and in a cluster, where Redis keeps it).",
+            history_bytes,
+        );
+        family(
+            &mut out,
+            "sse_gateway_resumes_total",
+            "counter",
+            "Streams opened with a Last-Event-ID while history is on, by result.",
+            "result",
+            [
+                ("complete", self.resumes[0].load(Relaxed)),
+                ("gap", self.resumes[1].load(Relaxed)),
+            ],
         );
         family(
             &mut out,
@@ -264,7 +288,7 @@ mod tests {
         m.callback_latency(CallbackAction::Connect, Duration::from_micros(500));
         m.callback_latency(CallbackAction::Connect, Duration::from_millis(30));
         m.callback_latency(CallbackAction::Connect, Duration::from_secs(9));
-        let text = m.render(0, 0, [0, 7]);
+        let text = m.render(0, 0, [0, 7], 0);
         assert!(text.contains("sse_gateway_callback_queue{action=\"disconnect\"} 7\n"));
         assert!(text.contains(
             "sse_gateway_callback_duration_seconds_bucket{action=\"connect\",le=\"0.001\"} 1\n"

@@ -353,7 +353,7 @@ mod tests {
                     }
                     3 if !open.is_empty() => {
                         let s = &open[rng.next() as usize % open.len()];
-                        s.deliver(Some(&frame), false, 1 << 20);
+                        s.deliver(Some(&frame), false, 1 << 20, 0);
                     }
                     _ if !open.is_empty() => {
                         let s = &open[rng.next() as usize % open.len()];

@@ -25,6 +25,7 @@ use crate::cluster::{ClusterError, Published};
 use crate::command::{self, Operation};
 use crate::connection::Refusal;
 use crate::gateway::{Batch, Gateway, MembershipError, OpenError, SendError};
+use crate::history;
 use crate::log::Level;
 
 /// Which listener a connection came in on, and so what it may reach.
@@ -128,10 +129,12 @@ impl Routes {
             .callbacks
             .as_ref()
             .map_or([0, 0], |c| [c.connects_waiting(), c.disconnects_queued()]);
-        let mut text =
-            gateway
-                .metrics
-                .render(gateway.registry.len(), gateway.channels.len(), queue);
+        let mut text = gateway.metrics.render(
+            gateway.registry.len(),
+            gateway.channels.len(),
+            queue,
+            gateway.history.as_ref().map_or(0, |h| h.bytes()),
+        );
         if let Some(cluster) = &gateway.cluster {
             cluster.gauges().render(&mut text);
         }
@@ -150,12 +153,20 @@ impl Routes {
         let uri = request.uri();
         let target = request_target(uri);
         let request_copy = capture_request(&target, request.headers());
+        let last_event_id = self
+            .gateway
+            .history_on()
+            .then(|| {
+                let header = request.headers().get("last-event-id");
+                history::requested(header.map(HeaderValue::as_bytes), &target)
+            })
+            .flatten();
         // hyper frames an unknown-length body as chunked for HTTP/1.1, close-delimited for 1.0.
         let chunked = request.version() >= Version::HTTP_11;
         // Drop the request now: its header values pin hyper's 8 KiB read buffer, which would
         // otherwise stay allocated for the life of the stream.
         drop(request);
-        match self.gateway.open(request_copy).await {
+        match self.gateway.open(request_copy, last_event_id).await {
             Ok(guard) => {
                 let body = StreamBody::new(guard, chunked, self.handoff.clone());
                 let mut answer = Response::new(ResponseBody::Stream(body));
@@ -278,6 +289,19 @@ enum Target<'a, 'g> {
     Batch(&'a mut Batch<'g>),
 }
 
+impl Target<'_, '_> {
+    fn history_on(&self) -> bool {
+        match self {
+            Target::Gateway(gateway) => gateway.history_on(),
+            Target::Batch(batch) => batch.history_on(),
+        }
+    }
+}
+
+/// PROTOCOL §11: with history on, a published event's id is its position.
+const PUBLISH_ID_WITH_HISTORY: &str =
+    "event.id is not allowed in a publish while history is on (HISTORY_SIZE > 0): the gateway assigns every published event's id";
+
 /// One operation's answer from its body: the single routes and every batch item go through here,
 /// so an item's result is exactly what its own request would have got.
 async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::Object) -> Reply {
@@ -290,6 +314,9 @@ async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::O
             Err(message) => Reply::invalid(message),
         },
         Operation::Publish => match command::publish(object) {
+            Ok(publish) if publish.event.is_some_and(|e| e.id.is_some()) && target.history_on() => {
+                Reply::invalid(PUBLISH_ID_WITH_HISTORY)
+            }
             Ok(publish) => publish_reply(match target {
                 Target::Gateway(gateway) => gateway.publish(&publish).await,
                 Target::Batch(batch) => batch.publish(&publish).await,

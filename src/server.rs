@@ -248,7 +248,7 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
     }
     log!(
         Level::Info,
-        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={} max_batch_items={} redis_url={} cluster_timeout_ms={}",
+        "settings: callback_url={} callback_timeout_ms={} heartbeat_interval_s={} max_connections={} max_queue_bytes={} max_send_bytes={} internal_secret={} shutdown_grace_s={} log_level={:?} worker_threads={} max_header_bytes={} body_timeout_s={} max_channels_per_stream={} callback_concurrency={} callback_retry_s={} internal_insecure={} max_batch_items={} redis_url={} cluster_timeout_ms={} history_size={} history_ttl_s={} history_max_bytes={}",
         config.callback_url.as_ref().map_or("(unset)", |u| u.raw.as_str()),
         config.callback_timeout.as_millis(),
         config.heartbeat_interval.as_secs(),
@@ -268,6 +268,9 @@ pub fn describe(config: &Config, listeners: &Listeners) -> io::Result<()> {
         config.max_batch_items,
         config.redis_url.as_deref().map_or("(unset)".into(), without_password),
         config.cluster_timeout.as_millis(),
+        config.history_size,
+        config.history_ttl.as_secs(),
+        config.history_max_bytes,
     );
     if config.callback_url.is_none() {
         log!(

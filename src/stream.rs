@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::channels::Memberships;
 use crate::token::Token;
-use crate::{frame, writer};
+use crate::{frame, history, writer};
 
 /// Why a stream ended; the names are the disconnect callback's `reason`s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +76,10 @@ struct State {
     chunked: bool,
     /// Who is writing to the socket right now; at most one party at a time.
     writing: Writing,
+    /// A resumed stream's replay ran through this position (PROTOCOL §11): a published frame at or
+    /// before it that arrives late (its fan-out had already listed this stream) is already in
+    /// the replay. 0 once a later frame arrived (positions arrive in order), and without history.
+    skip_through: u64,
 }
 
 impl State {
@@ -87,6 +91,19 @@ impl State {
         } else {
             None
         }
+    }
+
+    /// Whether a published frame at `seq` was in this stream's replay; the first later one ends
+    /// the check.
+    fn replayed(&mut self, seq: u64) -> bool {
+        if seq == 0 || self.skip_through == 0 {
+            return false;
+        }
+        if seq <= self.skip_through {
+            return true;
+        }
+        self.skip_through = 0;
+        false
     }
 
     /// Moves up to `max` queued frames, in order, into `out`; returns their bytes. A ring that a
@@ -127,6 +144,8 @@ pub enum Delivery {
     Written,
     /// Nothing queued and no transition: the stream had already ended.
     AlreadyEnded,
+    /// Nothing queued: the stream's replay already carried this published frame.
+    Replayed,
     /// The frame would have overflowed the queue: the stream is now ended with [`EndReason::Error`]
     /// and its queue dropped.
     Overflowed,
@@ -179,11 +198,21 @@ impl Stream {
     }
 
     /// Queues `frame` (if any) and, with `close`, ends the stream cleanly after it; both in one lock so
-    /// no other frame can land between the event and the end.
-    pub fn deliver(&self, frame: Option<&Bytes>, close: bool, max_queue_bytes: usize) -> Delivery {
+    /// no other frame can land between the event and the end. `seq` is a published frame's
+    /// position with history on, else 0.
+    pub fn deliver(
+        &self,
+        frame: Option<&Bytes>,
+        close: bool,
+        max_queue_bytes: usize,
+        seq: u64,
+    ) -> Delivery {
         let mut state = self.state.lock();
         if state.end.is_some() {
             return Delivery::AlreadyEnded;
+        }
+        if state.replayed(seq) {
+            return Delivery::Replayed;
         }
         if let Some(frame) = frame {
             if !close && state.queue.is_empty() && frame.len() <= max_queue_bytes {
@@ -214,10 +243,13 @@ impl Stream {
     /// filling the queue could be written now (nobody is writing), the answer is [`Full`] and
     /// nothing changes; the caller flushes and tries again, as separate requests would have been
     /// written and not have overflowed. Never [`Delivery::Written`].
-    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize) -> Result<Delivery, Full> {
+    pub fn defer(&self, frame: &Bytes, max_queue_bytes: usize, seq: u64) -> Result<Delivery, Full> {
         let mut state = self.state.lock();
         if state.end.is_some() {
             return Ok(Delivery::AlreadyEnded);
+        }
+        if state.replayed(seq) {
+            return Ok(Delivery::Replayed);
         }
         if state.queued_bytes + frame.len() > max_queue_bytes {
             if !state.queue.is_empty() && state.idle_socket().is_some() {
@@ -253,6 +285,37 @@ impl Stream {
         drop(state);
         wake(waker);
         None
+    }
+
+    /// Puts a resumed stream's `replay` (frames through position `through`, oldest first) before
+    /// what its channels delivered since it joined them, dropping those already in the replay,
+    /// and drops the same from later deliveries. Called before the stream is accepted, while no
+    /// writer has taken anything. False, changing nothing, when it all would not fit in
+    /// `max_queue_bytes`.
+    pub fn resume(&self, replay: Vec<Bytes>, through: u64, max_queue_bytes: usize) -> bool {
+        let mut state = self.state.lock();
+        if state.end.is_some() {
+            return true;
+        }
+        let live = |frame: &Bytes| history::position_of(frame).is_none_or(|p| p.seq > through);
+        let bytes = replay.iter().map(Bytes::len).sum::<usize>()
+            + state
+                .queue
+                .iter()
+                .filter(|frame| live(frame))
+                .map(Bytes::len)
+                .sum::<usize>();
+        if bytes > max_queue_bytes {
+            return false;
+        }
+        let queue = std::mem::take(&mut state.queue);
+        state.queue = replay
+            .into_iter()
+            .chain(queue.into_iter().filter(live))
+            .collect();
+        state.queued_bytes = bytes;
+        state.skip_through = through;
+        true
     }
 
     /// Queues a heartbeat if the stream is idle (nothing queued). A stream with frames waiting is
@@ -425,15 +488,15 @@ mod tests {
     fn frames_drain_in_order_then_a_clean_end() {
         let s = stream();
         assert!(matches!(
-            s.deliver(Some(&frame("a")), false, 100),
+            s.deliver(Some(&frame("a")), false, 100, 0),
             Delivery::Queued { ended: false }
         ));
         assert!(matches!(
-            s.deliver(Some(&frame("b")), true, 100),
+            s.deliver(Some(&frame("b")), true, 100, 0),
             Delivery::Queued { ended: true }
         ));
         assert!(matches!(
-            s.deliver(Some(&frame("c")), false, 100),
+            s.deliver(Some(&frame("c")), false, 100, 0),
             Delivery::AlreadyEnded
         ));
         assert_eq!(take(&s), vec![frame("a"), frame("b")]);
@@ -445,11 +508,11 @@ mod tests {
     fn overflow_drops_the_queue_and_aborts() {
         let s = stream();
         assert!(matches!(
-            s.deliver(Some(&frame("12345")), false, 8),
+            s.deliver(Some(&frame("12345")), false, 8, 0),
             Delivery::Queued { ended: false }
         ));
         assert!(matches!(
-            s.deliver(Some(&frame("6789")), false, 8),
+            s.deliver(Some(&frame("6789")), false, 8, 0),
             Delivery::Overflowed
         ));
         assert_eq!(s.queued_bytes(), 0);
@@ -463,7 +526,7 @@ mod tests {
         s.heartbeat();
         s.heartbeat();
         assert_eq!(take(&s), vec![frame::HEARTBEAT.clone()]);
-        s.deliver(Some(&frame("x")), false, 100);
+        s.deliver(Some(&frame("x")), false, 100, 0);
         s.heartbeat();
         assert_eq!(take(&s), vec![frame("x")]);
         assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Pending);
@@ -472,22 +535,25 @@ mod tests {
     #[test]
     fn deferred_frames_wait_for_the_flush_and_keep_their_order() {
         let s = stream();
-        s.deliver(Some(&frame("a")), false, 100);
+        s.deliver(Some(&frame("a")), false, 100, 0);
         assert!(matches!(
-            s.defer(&frame("b"), 100),
+            s.defer(&frame("b"), 100, 0),
             Ok(Delivery::Queued { ended: false })
         ));
         // No socket to flush to: the overflow is at once.
-        assert!(matches!(s.defer(&frame("cc"), 3), Ok(Delivery::Overflowed)));
         assert!(matches!(
-            s.defer(&frame("d"), 100),
+            s.defer(&frame("cc"), 3, 0),
+            Ok(Delivery::Overflowed)
+        ));
+        assert!(matches!(
+            s.defer(&frame("d"), 100, 0),
             Ok(Delivery::AlreadyEnded)
         ));
         assert!(s.take_batch(&mut Vec::new(), 8, Waker::noop()) == Next::Aborted);
 
         let s = stream();
-        s.defer(&frame("a"), 100).unwrap();
-        s.defer(&frame("b"), 100).unwrap();
+        s.defer(&frame("a"), 100, 0).unwrap();
+        s.defer(&frame("b"), 100, 0).unwrap();
         // No socket attached: the flush leaves them to the writer, in order.
         assert_eq!(s.flush(&mut Vec::new()), None);
         assert_eq!(take(&s), vec![frame("a"), frame("b")]);
@@ -498,11 +564,11 @@ mod tests {
     fn an_exact_fit_is_not_an_overflow() {
         let s = stream();
         assert!(matches!(
-            s.deliver(Some(&frame("1234")), false, 8),
+            s.deliver(Some(&frame("1234")), false, 8, 0),
             Delivery::Queued { ended: false }
         ));
         assert!(matches!(
-            s.deliver(Some(&frame("5678")), false, 8),
+            s.deliver(Some(&frame("5678")), false, 8, 0),
             Delivery::Queued { ended: false }
         ));
     }

@@ -325,7 +325,10 @@ mod tests {
 
         let frame = Bytes::from_static(b"data: hi\n\n");
         assert!(
-            matches!(stream.deliver(Some(&frame), false, 64), Delivery::Written),
+            matches!(
+                stream.deliver(Some(&frame), false, 64, 0),
+                Delivery::Written
+            ),
             "an idle attached stream is written directly"
         );
         let mut got = vec![0u8; 15];
@@ -334,7 +337,7 @@ mod tests {
         // The stream is idle again: the next frame goes straight out too, the writer has nothing.
         let mut batch = Vec::new();
         assert!(matches!(
-            stream.deliver(Some(&frame), false, 64),
+            stream.deliver(Some(&frame), false, 64, 0),
             Delivery::Written
         ));
         client.read_exact(&mut got).await.unwrap();
@@ -344,7 +347,7 @@ mod tests {
         );
         let big = Bytes::from(vec![b'x'; 65]);
         assert!(matches!(
-            stream.deliver(Some(&big), false, 64),
+            stream.deliver(Some(&big), false, 64, 0),
             Delivery::Overflowed
         ));
     }
@@ -357,20 +360,20 @@ mod tests {
         let (stream, mut client) = attached_stream().await;
         for frame in ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n"] {
             assert!(matches!(
-                stream.defer(&Bytes::from_static(frame.as_bytes()), 27),
+                stream.defer(&Bytes::from_static(frame.as_bytes()), 27, 0),
                 Ok(Delivery::Queued { ended: false })
             ));
         }
         // A fourth would pass the bound, but the queue can be written now: no overflow yet.
         let more = Bytes::from_static(b"data: 4\n\n");
-        assert!(stream.defer(&more, 27).is_err());
+        assert!(stream.defer(&more, 27, 0).is_err());
         assert_eq!(stream.flush(&mut Vec::new()), Some(27));
         let mut got = vec![0u8; 33];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"1b\r\ndata: 1\n\ndata: 2\n\ndata: 3\n\n\r\n");
         assert_eq!(stream.flush(&mut Vec::new()), None, "nothing left");
         assert!(matches!(
-            stream.defer(&more, 27),
+            stream.defer(&more, 27, 0),
             Ok(Delivery::Queued { ended: false })
         ));
     }

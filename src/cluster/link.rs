@@ -481,7 +481,14 @@ async fn dispatch(
     lost: oneshot::Sender<()>,
 ) {
     let mut recent = Recent::default();
-    let fanouts = Arc::new(tokio::sync::Semaphore::new(MAX_FANOUTS));
+    // With history, a stream must get events in position order (PROTOCOL §11): one fan-out at a
+    // time, in the order Redis published them.
+    let history = gateway.upgrade().is_some_and(|g| g.history_on());
+    let fanouts = Arc::new(tokio::sync::Semaphore::new(if history {
+        1
+    } else {
+        MAX_FANOUTS
+    }));
     while let Some(push) = pushes.recv().await {
         match push.kind {
             PushKind::Disconnection => break,
@@ -525,7 +532,7 @@ async fn handle(
             }
         }
         Some(Message::Request { origin, .. } | Message::Publish { origin, .. })
-            if origin.expires_ms < now_ms() =>
+            if origin.expires_ms < now_ms() && !kept(gateway, &payload) =>
         {
             // Its asker answered 503/504 already (Redis stalled, or this node was too busy):
             // carrying it out now would make that answer a lie.
@@ -560,7 +567,7 @@ async fn handle(
             let Ok(permit) = fanouts.clone().acquire_owned().await else {
                 return;
             };
-            if origin.expires_ms < now_ms() {
+            if origin.expires_ms < now_ms() && !kept(gateway, &payload) {
                 return;
             }
             let names = payload.slice_ref(names);
@@ -574,6 +581,13 @@ async fn handle(
             });
         }
     }
+}
+
+/// Whether `payload` is a publish that history keeps: Redis gave it its position and replays it
+/// to resuming streams, so a live stream must get it too, however late (a stream that misses it
+/// and gets the next one would skip it silently).
+fn kept(gateway: &Gateway, payload: &[u8]) -> bool {
+    gateway.history_on() && payload.first() == Some(&message::PUBLISH)
 }
 
 /// Where this node's answers go: straight into the waiting request when the asker is this

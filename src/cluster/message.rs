@@ -102,7 +102,7 @@ pub enum Message<'a> {
 const SEND: u8 = b'S';
 const SUBSCRIBE: u8 = b'J';
 const UNSUBSCRIBE: u8 = b'L';
-const PUBLISH: u8 = b'P';
+pub(crate) const PUBLISH: u8 = b'P';
 const REPLY: u8 = b'R';
 const ORIGIN_LEN: usize = 8 + 1 + 8 + 8;
 

@@ -20,6 +20,7 @@
 //! sorted set of live nodes `<n>:<instance>:<client id>`, score = expiry), `claim:<n>` (who took
 //! number `n`; taken atomically at start-up, so nodes that start together never share one).
 
+mod history;
 mod link;
 pub mod message;
 
@@ -88,6 +89,9 @@ pub struct Cluster {
     nodes: AtomicUsize,
     forwarded: [AtomicU64; 3],
     interest: link::Interest,
+    /// `HISTORY_SIZE` and `HISTORY_TTL_SECONDS` for the history kept in Redis (PROTOCOL §11).
+    history_size: usize,
+    history_ttl: Duration,
 }
 
 /// The replies a request has received so far.
@@ -126,6 +130,18 @@ impl Keys {
 
     fn claim(&self, node: u8) -> String {
         format!("{}claim:{node}", self.prefix)
+    }
+
+    fn history_clock(&self) -> String {
+        format!("{}history:clock", self.prefix)
+    }
+
+    fn history(&self, name: &str) -> String {
+        format!("{}history:{name}", self.prefix)
+    }
+
+    fn history_floor(&self, name: &str) -> String {
+        format!("{}history-floor:{name}", self.prefix)
     }
 }
 
@@ -179,6 +195,8 @@ impl Cluster {
             nodes: AtomicUsize::new(0),
             forwarded: Default::default(),
             interest: link::Interest::default(),
+            history_size: config.history_size,
+            history_ttl: config.history_ttl,
         }))
     }
 
@@ -280,27 +298,51 @@ impl Cluster {
     }
 
     /// Publishes `frame` to the members of any of `names` on every node, this one included, and
-    /// counts the deliveries that the nodes report within `CLUSTER_TIMEOUT_MS`.
+    /// counts the deliveries that the nodes report within `CLUSTER_TIMEOUT_MS`. `recorded`: with
+    /// history, Redis gives the frame its position and keeps it in each channel, in the same step.
     pub async fn publish(
         &self,
         names: &[&str],
         frame: Option<&Bytes>,
         close: bool,
+        recorded: bool,
     ) -> Result<Published, ClusterError> {
         let mut connection = self.connection()?;
         let deadline = Instant::now() + self.timeout;
         let (id, waiting, _unregister) = self.expect_replies();
-        let body = message::publish(self.origin(id), close, names, frame);
-        let mut pipeline = redis::pipe();
-        for name in names {
-            pipeline
-                .cmd("PUBLISH")
-                .arg(self.keys.channel(name))
-                .arg(&body[..]);
-        }
-        let receivers: Vec<usize> = self
-            .bounded(deadline, pipeline.query_async(&mut connection))
-            .await?;
+        let receivers: Vec<usize> = match frame {
+            Some(frame) if recorded => {
+                let mut names = names.to_vec();
+                names.sort_unstable();
+                names.dedup();
+                let head = message::publish(self.origin(id), close, &names, None);
+                let mut script = history::PUBLISH.prepare_invoke();
+                self.history_keys(&mut script, &names);
+                script
+                    .arg(format!("{:08x}", self.instance as u32))
+                    .arg(self.history_size)
+                    .arg(self.history_ttl.as_millis() as u64)
+                    .arg(&head[..])
+                    .arg(&frame[..]);
+                for name in &names {
+                    script.arg(self.keys.channel(name));
+                }
+                self.bounded(deadline, script.invoke_async(&mut connection))
+                    .await?
+            }
+            _ => {
+                let body = message::publish(self.origin(id), close, names, frame);
+                let mut pipeline = redis::pipe();
+                for name in names {
+                    pipeline
+                        .cmd("PUBLISH")
+                        .arg(self.keys.channel(name))
+                        .arg(&body[..]);
+                }
+                self.bounded(deadline, pipeline.query_async(&mut connection))
+                    .await?
+            }
+        };
         self.forwarded[Forwarded::Publish as usize].fetch_add(1, Ordering::Relaxed);
         let expected: usize = receivers.iter().sum();
         let complete = waiting
@@ -311,6 +353,40 @@ impl Cluster {
             delivered,
             complete,
         })
+    }
+
+    /// What Redis keeps of `names` after position `after` (PROTOCOL §11), read in one step.
+    pub async fn history(
+        &self,
+        names: &[&str],
+        after: u64,
+    ) -> Result<(crate::history::Now, Vec<crate::history::Kept>), ClusterError> {
+        let mut connection = self.connection()?;
+        let deadline = Instant::now() + self.timeout;
+        let mut script = history::READ.prepare_invoke();
+        self.history_keys(&mut script, names);
+        script.arg(after);
+        let answer: Vec<redis::Value> = self
+            .bounded(deadline, script.invoke_async(&mut connection))
+            .await?;
+        history::snapshot(answer).ok_or_else(|| {
+            log!(
+                Level::Warn,
+                "cluster: history read answered in an unknown shape"
+            );
+            ClusterError::Unavailable
+        })
+    }
+
+    /// The keys both history scripts take: the clock, each channel's list, each one's floor.
+    fn history_keys(&self, script: &mut redis::ScriptInvocation<'_>, names: &[&str]) {
+        script.key(self.keys.history_clock());
+        for name in names {
+            script.key(self.keys.history(name));
+        }
+        for name in names {
+            script.key(self.keys.history_floor(name));
+        }
     }
 
     /// Awaits a command on the link; any failure, or no answer by `deadline`, is `Unavailable`
