@@ -650,6 +650,29 @@ impl Gateway {
         }
     }
 
+    /// This node rejoined Redis after losing it. With history on, its streams in channels may have
+    /// missed publishes meanwhile (other nodes took them while this one listened to nothing), and
+    /// a live stream cannot be told so: they end cleanly, and their pages reconnect and resume
+    /// from the history, exactly or with `gateway.gap` (PROTOCOL §11: never a silent skip).
+    pub(crate) fn rejoined(&self) {
+        if !self.history_on() {
+            return;
+        }
+        let mut ended = 0;
+        for stream in self.registry.snapshot() {
+            if stream.is_accepted() && !stream.memberships.lock().is_empty() {
+                self.end(&stream, EndReason::ServerClosed);
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            log!(
+                Level::Warn,
+                "cluster: rejoined Redis; ended {ended} streams in channels so that they resume from the history"
+            );
+        }
+    }
+
     /// Starts the drain: readiness turns 503 and every open stream ends with `server_closed`.
     pub fn drain(&self) {
         // SeqCst pairs with `Stream::accept` in `open`: a stream accepted after this store sees

@@ -155,11 +155,17 @@ pub(super) async fn run(cluster: Arc<Cluster>, gateway: Weak<Gateway>) {
         .expect("the link runs once");
     let mut retry = RETRY_MIN;
     let mut reported = false;
+    let mut joined_before = false;
     loop {
         match join(&cluster, &gateway).await {
             Ok(connection) => {
                 retry = RETRY_MIN;
                 reported = false;
+                if std::mem::replace(&mut joined_before, true) {
+                    if let Some(gateway) = gateway.upgrade() {
+                        gateway.rejoined();
+                    }
+                }
                 let why = serve(&cluster, &gateway, connection, &mut changes).await;
                 cluster.set_down(&why);
             }
