@@ -572,4 +572,55 @@ mod tests {
             Delivery::Queued { ended: false }
         ));
     }
+
+    fn at(seq: u64) -> Bytes {
+        let position = history::Position {
+            epoch: 7,
+            seq,
+            ms: 1,
+        };
+        history::frame(&position, &crate::frame::Event::default())
+    }
+
+    #[test]
+    fn a_resume_puts_the_replay_first_and_each_position_once() {
+        let s = stream();
+        assert!(s.heartbeat().is_some());
+        // Delivered live between the join and the history snapshot: 5 is in the replay too.
+        for seq in [5, 8] {
+            s.deliver(Some(&at(seq)), false, 1 << 20, seq);
+        }
+        assert!(s.resume(vec![at(3), at(4), at(5)], 6, 1 << 20));
+        // Late copies of replayed positions (their fan-out listed the stream earlier) are dropped
+        // until a later position arrives; per-token frames (seq 0) always pass.
+        assert!(matches!(
+            s.deliver(Some(&at(6)), false, 1 << 20, 6),
+            Delivery::Replayed
+        ));
+        s.deliver(Some(&frame("send")), false, 1 << 20, 0);
+        s.deliver(Some(&at(9)), false, 1 << 20, 9);
+        s.deliver(Some(&at(2)), false, 1 << 20, 2);
+        let want = vec![
+            at(3),
+            at(4),
+            at(5),
+            crate::frame::HEARTBEAT.clone(),
+            at(8),
+            frame("send"),
+            at(9),
+            at(2),
+        ];
+        assert_eq!(s.queued_bytes(), want.iter().map(Bytes::len).sum::<usize>());
+        assert_eq!(take(&s), want);
+    }
+
+    #[test]
+    fn a_replay_past_the_queue_bound_changes_nothing() {
+        let s = stream();
+        s.deliver(Some(&at(8)), false, 1 << 20, 8);
+        let bound = at(8).len() + at(3).len();
+        assert!(!s.resume(vec![at(3), at(4)], 6, bound));
+        assert!(s.resume(vec![at(3)], 6, bound));
+        assert_eq!(take(&s), vec![at(3), at(8)]);
+    }
 }
