@@ -38,6 +38,7 @@ const BIN = process.env.SSE_GATEWAY_BIN ?? path.join(TARGET, "debug/sse-gateway"
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
 const SCREENSHOT = path.join(TARGET, "browser/demo-page.png");
 const BURST_SCREENSHOT = path.join(TARGET, "browser/demo-burst.png");
+const GAP_SCREENSHOT = path.join(TARGET, "browser/demo-gap.png");
 const SOON = 10_000;
 /// Host names that Chromium resolves to 127.0.0.1 (--host-resolver-rules), one origin each, so that
 /// 200 streams are not capped by HTTP/1.1's six connections per origin.
@@ -65,7 +66,7 @@ function within(ms, what, promise) {
 
 /**
  * The callback side: records every callback; refuses connects to /t/refuse* with 401; puts streams
- * on /t/cluster/* in channel "cluster".
+ * on /t/cluster/* in channel "cluster", and streams on /t/chan/<name>/... in channel <name>.
  */
 class Backend extends EventEmitter {
   callbacks = [];
@@ -83,8 +84,12 @@ class Backend extends EventEmitter {
         this.emit("callback", callback);
         const refuse = callback.action === "connect" && callback.request.url.startsWith("/t/refuse");
         const cluster = callback.action === "connect" && callback.request.url.startsWith("/t/cluster/");
+        const channel = callback.action === "connect" && /^\/t\/chan\/([a-z0-9-]+)\//.exec(callback.request.url);
         res.writeHead(refuse ? 401 : 200, { "content-type": "application/json" });
-        res.end(refuse ? '{"error":"not you"}' : cluster ? '{"channels":["cluster"]}' : "{}");
+        res.end(refuse ? '{"error":"not you"}'
+          : cluster ? '{"channels":["cluster"]}'
+          : channel ? JSON.stringify({ channels: [channel[1]] })
+          : "{}");
       });
     });
     this.server.listen(0, "127.0.0.1");
@@ -404,6 +409,170 @@ describe("a browser against the gateway", () => {
   });
 });
 
+// --- Last-Event-ID resume (PROTOCOL §11) ---------------------------------------------------------
+
+/** A gateway position `<epoch>-<seq>-<ms>` (§11.1), split (the epoch could hold hyphens itself). */
+function position(id) {
+  const m = /^(.+)-(\d+)-(\d+)$/.exec(id);
+  assert.ok(m, `${JSON.stringify(id)} is not a gateway position <epoch>-<seq>-<ms>`);
+  return { epoch: m[1], seq: BigInt(m[2]), ms: Number(m[3]) };
+}
+
+/** Asserts that `ids` are gateway positions of one epoch, in strictly increasing seq order. */
+function assertPositionsIncrease(ids) {
+  const positions = ids.map(position);
+  for (let i = 1; i < positions.length; i++) {
+    assert.equal(positions[i].epoch, positions[0].epoch, `one epoch: ${ids}`);
+    assert.ok(positions[i].seq > positions[i - 1].seq, `seq increases: ${ids}`);
+    assert.ok(positions[i].ms >= positions[i - 1].ms, `ms never goes back: ${ids}`);
+  }
+}
+
+/** `sse_gateway_resumes_total{result="<result>"}` on `gw`. */
+async function resumes(gw, result) {
+  const text = await (await fetch(`${gw.origin}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`sse_gateway_resumes_total{result="${result}"} `));
+  assert.ok(line, `no sse_gateway_resumes_total{result="${result}"} in /metrics`);
+  return Number(line.split(" ").pop());
+}
+
+const kinds = (seen) => seen.map((s) => s.kind);
+const dataAndIds = (list) => list.map((e) => [e.data, e.lastEventId]);
+
+describe("Last-Event-ID resume in a browser (PROTOCOL §11)", () => {
+  const backend = new Backend();
+  let gw;
+  // Two events kept per channel: two publishes missed resume exactly, three are a gap.
+  const KEPT = 2;
+  // How long the page stays away after its stream ends: the test publishes meanwhile.
+  const RETRY_MS = 1500;
+
+  before(async () => {
+    await backend.start();
+    gw = await startGateway(["demo"], { CALLBACK_URL: backend.url, HISTORY_SIZE: String(KEPT) });
+  });
+
+  after(async () => {
+    await gw?.stop();
+    await backend.stop();
+  });
+
+  /**
+   * A page whose EventSource (`window.es`, recording into `window.seen`) is in `channel` and has
+   * seen one published event, `before`; then the gateway ends that stream, after telling the
+   * browser to wait RETRY_MS before it reconnects. The same page holds a second EventSource in the
+   * channel that never leaves (`window.watched`): what a page that stayed got, ids included.
+   * Resolves once the page saw its stream end.
+   */
+  async function pageThenAway(channel) {
+    const url = `/t/chan/${channel}/page`;
+    const watchUrl = `/t/chan/${channel}/watch`;
+    const page = await pageWithSource(gw, url, ["gateway.gap"]);
+    const first = await backend.connect(url);
+    assert.equal(first.request.headers["last-event-id"], undefined);
+    await waitSeen(page, "open", (seen) => seen.some((s) => s.kind === "open"));
+    await page.evaluate((watchUrl) => {
+      const watched = (window.watched = []);
+      window.watch = new EventSource(watchUrl);
+      window.watch.onmessage = (e) => watched.push({ data: e.data, lastEventId: e.lastEventId });
+    }, watchUrl);
+    await backend.connect(watchUrl);
+    await page.waitForFunction(() => window.watch.readyState === 1, null, { timeout: SOON });
+
+    // A send without an id leaves the page's position where it is (§11.1); its retry stays.
+    let answer = await gw.post("/internal/send", { token: first.token, event: { data: "slow retry", retry: RETRY_MS } });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok" } });
+    answer = await gw.post("/internal/publish", { channel, event: { data: "before" } });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 2 } });
+    const seen = await waitSeen(page, "the event published before", (seen) => seen.some((s) => s.data === "before"));
+    const before = events(seen).at(-1).lastEventId;
+    position(before);
+
+    answer = await gw.post("/internal/send", { token: first.token, close: true });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok" } });
+    const closed = await backend.waitFor("the first stream's disconnect", (c) => c.action === "disconnect" && c.token === first.token);
+    assert.equal(closed[0].reason, "server_closed");
+    await waitSeen(page, "the end of the stream", (seen) => seen.some((s) => s.kind === "error"));
+    return { page, url, before };
+  }
+
+  test("a page that reconnects by itself gets what was published while it was away: in order, once, with the gateway's ids", async () => {
+    const channel = "resume";
+    const complete = await resumes(gw, "complete");
+    const { page, url, before } = await pageThenAway(channel);
+    // While the page is away: only the watcher is in the channel.
+    for (const data of ["missed 1", "missed 2"]) {
+      const answer = await gw.post("/internal/publish", { channel, event: { data } });
+      assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 1 } });
+    }
+    const published = performance.now();
+
+    // The browser comes back by itself, after the publishes, with the last id it saw.
+    const second = await backend.connect(url, 2);
+    assert.ok(second.at > published, "the page reconnected before both publishes were done: nothing was missed");
+    assert.equal(second.request.headers["last-event-id"], before);
+    assert.equal(second.request.url, url);
+    await waitSeen(page, "the second open", (seen) => seen.filter((s) => s.kind === "open").length === 2);
+    const answer = await gw.post("/internal/publish", { channel, event: { data: "live" } });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 2 } });
+    const seen = await waitSeen(page, "the live event", (seen) => seen.some((s) => s.data === "live"));
+    await page.waitForFunction(() => window.watched.length === 4, null, { timeout: SOON });
+    const watched = await page.evaluate(() => window.watched);
+
+    // The watcher saw every publish live, with the ids the gateway gave them.
+    assert.deepEqual(watched.map((e) => e.data), ["before", "missed 1", "missed 2", "live"]);
+    assertPositionsIncrease(watched.map((e) => e.lastEventId));
+    assert.equal(watched[0].lastEventId, before);
+    // The page: the two missed events right after its reconnect, before the live one, each once,
+    // each with the very id the watcher got.
+    assert.deepEqual(kinds(seen), ["open", "message", "message", "error", "open", "message", "message", "message"]);
+    assert.deepEqual(dataAndIds(events(seen)), [["slow retry", ""], ...dataAndIds(watched)]);
+    assert.equal(seen[3].readyState, 0);
+    assert.equal(await page.evaluate(() => window.es.readyState), 1);
+    assert.equal(await resumes(gw, "complete"), complete + 1);
+    await page.close();
+  });
+
+  test("a page away for longer than the history keeps gets gateway.gap first, then live events", async () => {
+    const channel = "gap";
+    const gaps = await resumes(gw, "gap");
+    const { page, url, before } = await pageThenAway(channel);
+    // One more than the channel keeps: the first of them is gone when the page comes back.
+    for (const data of ["lost 1", "lost 2", "lost 3"]) {
+      const answer = await gw.post("/internal/publish", { channel, event: { data } });
+      assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 1 } });
+    }
+    const published = performance.now();
+
+    const second = await backend.connect(url, 2);
+    assert.ok(second.at > published, "the page reconnected before the publishes were done");
+    assert.equal(second.request.headers["last-event-id"], before);
+    await waitSeen(page, "the gap event", (seen) => seen.some((s) => s.type === "gateway.gap"));
+    const answer = await gw.post("/internal/publish", { channel, event: { data: "live" } });
+    assert.deepEqual(answer, { status: 200, body: { status: "ok", delivered: 2 } });
+    const seen = await waitSeen(page, "the live event", (seen) => seen.some((s) => s.data === "live"));
+    await page.waitForFunction(() => window.watched.length === 5, null, { timeout: SOON });
+    const watched = await page.evaluate(() => window.watched);
+    assert.deepEqual(watched.map((e) => e.data), ["before", "lost 1", "lost 2", "lost 3", "live"]);
+    assertPositionsIncrease(watched.map((e) => e.lastEventId));
+
+    // Nothing of what was lost, no partial replay: the gap, then the live event.
+    assert.deepEqual(kinds(seen), ["open", "message", "message", "error", "open", "named", "message"]);
+    const [, , gap, live] = events(seen);
+    assert.equal(gap.type, "gateway.gap");
+    assert.deepEqual(JSON.parse(gap.data), { last_event_id: before });
+    // Its id is the current position (at or after the last publish, before the live one), so
+    // the browser resumes from there next time.
+    const [lost, at, next] = [watched[3].lastEventId, gap.lastEventId, watched[4].lastEventId].map(position);
+    assert.ok(at.epoch === lost.epoch && at.seq >= lost.seq && at.seq < next.seq,
+      `gap id ${gap.lastEventId} between ${watched[3].lastEventId} and ${watched[4].lastEventId}`);
+    assert.deepEqual([live.data, live.lastEventId], ["live", watched[4].lastEventId]);
+    assert.equal(await page.evaluate(() => window.es.readyState), 1);
+    assert.equal(await resumes(gw, "gap"), gaps + 1);
+    await page.close();
+  });
+});
+
 describe("the demo page", () => {
   let gw;
 
@@ -551,6 +720,153 @@ describe("the demo page", () => {
     await page.screenshot({ path: BURST_SCREENSHOT, fullPage: true });
     assert.ok((await stat(BURST_SCREENSHOT)).size > 10_000);
     await page.close();
+  });
+
+  /** The demo page's received list, oldest first: [type, data, lastEventId] each. */
+  const listed = (page) => page.$$eval("#log li.event", (items) => items.reverse()
+    .map((li) => [li.dataset.type, li.querySelector("pre.data").textContent, li.dataset.lastEventId]));
+
+  /** Publishes `data` to channel demo with the page's own form and button; asserts the 200. */
+  async function publishFromPage(page, data) {
+    await page.fill("#f-name", "");
+    await page.fill("#f-id", "");
+    await page.fill("#f-data", data);
+    await page.click("#publish");
+    await page.waitForFunction(() => /^\d{3}$/.test(document.getElementById("answer").dataset.status ?? ""), null, { timeout: SOON });
+    assert.equal(await page.getAttribute("#answer", "data-status"), "200", await page.textContent("#answer"));
+  }
+
+  /** Waits until the page listed an event with `data`. */
+  function listedSoon(page, data) {
+    return page.waitForFunction((data) => [...document.querySelectorAll("#log li.event pre.data")]
+      .some((e) => e.textContent === data), data, { timeout: SOON });
+  }
+
+  /** A demo page with its stream open that has seen one published event; resolves with its id. */
+  async function demoPageWithPosition(origin) {
+    const page = await context.newPage();
+    await page.goto(`${origin}/_demo/`);
+    await page.waitForSelector('#state[data-state="open"]', { timeout: SOON });
+    assert.equal(await page.textContent("#connect"), "Connect");
+    await publishFromPage(page, "before");
+    await listedSoon(page, "before");
+    const before = await page.textContent("#last-event-id");
+    position(before);
+    assert.deepEqual(await listed(page), [["message", "before", before]]);
+    assert.match(await page.textContent("#connect"), /^Reconnect/);
+    return { page, before };
+  }
+
+  test("resume: Disconnect, publish twice from the page, Reconnect; both arrive, in order, once", async () => {
+    const { page, before } = await demoPageWithPosition(gw.origin);
+    const streamUrl = await page.textContent("#stream-url");
+    assert.match(streamUrl, /^\/demo\/stream\?demo_id=[0-9a-f]{24}$/);
+
+    await page.click("#disconnect");
+    assert.equal(await page.getAttribute("#state", "data-state"), "closed");
+    await publishFromPage(page, "away 1");
+    await publishFromPage(page, "away 2");
+
+    await page.click("#connect");
+    // A new EventSource: the position rides in the query, next to the page's demo_id.
+    assert.equal(await page.textContent("#stream-url"), `${streamUrl}&last_event_id=${encodeURIComponent(before)}`);
+    await page.waitForSelector('#state[data-state="open"]', { timeout: SOON });
+    await listedSoon(page, "away 2");
+    // The page knows its new stream's token (the built-in backend found demo_id in the new URL).
+    await page.waitForFunction((uuid) => new RegExp(uuid).test(document.getElementById("token").textContent),
+      UUID.source, { timeout: SOON });
+    await publishFromPage(page, "live");
+    await listedSoon(page, "live");
+
+    const list = await listed(page);
+    assert.deepEqual(list.map(([type, data]) => [type, data]),
+      [["message", "before"], ["message", "away 1"], ["message", "away 2"], ["message", "live"]]);
+    assert.equal(list[0][2], before);
+    assertPositionsIncrease(list.map(([, , id]) => id));
+    assert.equal(await page.textContent("#last-event-id"), list[3][2]);
+    assert.equal(await page.textContent("#count"), "4");
+    assert.equal(await page.isVisible("#gap"), false);
+
+    // The gateway ends this stream: the browser reconnects by itself on the same URL, whose
+    // last_event_id is stale by now, but its Last-Event-ID header (the id of "live") wins: nothing twice.
+    const token = await page.textContent("#token");
+    await page.fill("#f-data", "bye");
+    await page.check("#f-close");
+    await page.click("#send-me");
+    await page.waitForSelector('#answer[data-status="200"]', { timeout: SOON });
+    await page.uncheck("#f-close");
+    await page.waitForFunction(({ old, uuid }) => {
+      const now = document.getElementById("token").textContent;
+      return now !== old && new RegExp(uuid).test(now);
+    }, { old: token, uuid: UUID.source }, { timeout: SOON });
+    await publishFromPage(page, "after the browser's own reconnect");
+    await listedSoon(page, "after the browser's own reconnect");
+    const after = await listed(page);
+    assert.deepEqual(after.map(([, data]) => data),
+      ["before", "away 1", "away 2", "live", "bye", "after the browser's own reconnect"]);
+    assertPositionsIncrease([list[3][2], after[5][2]]);
+    assert.equal(await page.isVisible("#gap"), false);
+    await page.close();
+  });
+
+  test("a gap: Disconnect, a burst of more events than the history keeps, Reconnect; the page says to reload; screenshot in target/browser/", async () => {
+    const { page, before } = await demoPageWithPosition(gw.origin);
+    assert.equal(await page.isVisible("#gap"), false);
+    await page.click("#disconnect");
+    // 1000 events to channel demo while away: the demo keeps 100, so most are gone.
+    await page.click("#burst");
+    await page.waitForSelector('#burst-status[data-state="done"], #burst-status[data-state="failed"]', { timeout: 60_000 });
+    assert.match(await page.textContent("#burst-status"), /^1000 published/);
+
+    await page.click("#connect");
+    await page.waitForSelector("#gap", { state: "visible", timeout: SOON });
+    assert.match(await page.textContent("#gap"), /missed events: reload your state/);
+    assert.equal(await page.textContent("#gap-from"), JSON.stringify(before));
+    // The gap event is listed; nothing of the burst came back (no partial replay).
+    let list = await listed(page);
+    assert.equal(list.length, 2, JSON.stringify(list));
+    const [type, data, gapId] = list[1];
+    assert.equal(type, "gateway.gap");
+    assert.deepEqual(JSON.parse(data), { last_event_id: before });
+    assertPositionsIncrease([before, gapId]);
+    assert.equal(await page.textContent("#last-event-id"), gapId);
+    assert.equal(await page.textContent("#burst-received"), "0");
+
+    // Live events follow the gap.
+    await publishFromPage(page, "after the gap");
+    await listedSoon(page, "after the gap");
+    list = await listed(page);
+    assert.equal(list.length, 3);
+    assertPositionsIncrease([gapId, list[2][2]]);
+    await mkdir(path.dirname(GAP_SCREENSHOT), { recursive: true });
+    await page.screenshot({ path: GAP_SCREENSHOT, fullPage: true });
+
+    // Reloading the state (here: starting the list over) puts the notice away.
+    await page.click("#gap-reload");
+    assert.equal(await page.isVisible("#gap"), false);
+    assert.equal(await page.locator("#log li.event").count(), 0);
+    await page.close();
+  });
+
+  test("a gap after the history's TTL: away for longer than HISTORY_TTL_SECONDS, the page says to reload", async () => {
+    // The demo's 60 s, shortened to 1 s (the operator's environment wins over the demo's defaults).
+    const short = await startGateway(["demo"], { HISTORY_TTL_SECONDS: "1" });
+    try {
+      const { page, before } = await demoPageWithPosition(short.origin);
+      await page.click("#disconnect");
+      await publishFromPage(page, "expires while away");
+      // Synchronise on the expiry itself: the history holds nothing once both events are dropped.
+      await until("the history to expire", async () => (await metric(short, "sse_gateway_history_bytes")) === 0);
+      await page.click("#connect");
+      await page.waitForSelector("#gap", { state: "visible", timeout: SOON });
+      assert.equal(await page.textContent("#gap-from"), JSON.stringify(before));
+      const list = await listed(page);
+      assert.deepEqual(list.map(([type]) => type), ["message", "gateway.gap"]);
+      assert.ok(!list.some(([, data]) => data === "expires while away"));
+      await page.close();
+    } finally {
+      await short.stop();
+    }
   });
 });
 
