@@ -208,10 +208,13 @@ impl Gateway {
                         // Reachable by a publish through any node before the client hears 200.
                         cluster.watch(names.iter().copied()).await;
                     }
-                    if let (Some(last), false) = (&last_event_id, names.is_empty()) {
+                    if gateway.history_on() && !names.is_empty() {
                         // After the join: what is published from here on is live, the rest
                         // kept, and [`Stream::resume`] merges the two.
-                        gateway.resume(&stream, &names, last).await;
+                        match &last_event_id {
+                            Some(last) => gateway.resume(&stream, &names, last).await,
+                            None => gateway.start_position(&stream).await,
+                        }
                     }
                     gateway
                         .metrics
@@ -544,6 +547,24 @@ impl Gateway {
             _ => 0,
         };
         self.fan_out(names, frame.as_ref(), close, None, seq).await
+    }
+
+    /// Gives a stream that came without a position the current one, as an `id:`-only frame that
+    /// dispatches no event but becomes the page's `Last-Event-ID`: a page that loses its stream
+    /// before its first event still resumes from where it joined, rather than losing what was
+    /// published meanwhile without a word.
+    async fn start_position(&self, stream: &Stream) {
+        let now = match (&self.history, &self.cluster) {
+            (Some(history), _) => history.snapshot(&[], u64::MAX).0,
+            (None, Some(cluster)) => match cluster.history(&[], u64::MAX).await {
+                Ok((now, _)) => now,
+                // Without Redis the stream opens without a position, as with history off.
+                Err(_) => return,
+            },
+            (None, None) => return,
+        };
+        let frame = history::position_frame(&now.position);
+        stream.resume(vec![frame], now.position.seq, self.config.max_queue_bytes);
     }
 
     /// Puts what `stream` missed in `names` since position `last` before its live events

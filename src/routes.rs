@@ -302,11 +302,19 @@ impl Target<'_, '_> {
 const PUBLISH_ID_WITH_HISTORY: &str =
     "event.id is not allowed in a publish while history is on (HISTORY_SIZE > 0): the gateway assigns every published event's id";
 
+/// PROTOCOL §11: an empty `id:` makes the browser forget its position, so its next reconnect
+/// could not resume and would not even be told (no `Last-Event-ID`, no gap).
+const SEND_EMPTY_ID_WITH_HISTORY: &str =
+    "event.id must not be empty while history is on (HISTORY_SIZE > 0): it would make the page forget its position and lose channel events on its next reconnect";
+
 /// One operation's answer from its body: the single routes and every batch item go through here,
 /// so an item's result is exactly what its own request would have got.
 async fn apply(target: Target<'_, '_>, operation: Operation, object: &command::Object) -> Reply {
     match operation {
         Operation::Send => match command::send(object) {
+            Ok(send) if send.event.is_some_and(|e| e.id == Some("")) && target.history_on() => {
+                Reply::invalid(SEND_EMPTY_ID_WITH_HISTORY)
+            }
             Ok(send) => send_reply(match target {
                 Target::Gateway(gateway) => gateway.send(&send).await,
                 Target::Batch(batch) => batch.send(&send).await,

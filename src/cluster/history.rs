@@ -65,12 +65,16 @@ return receivers
     )
 });
 
-/// KEYS as [`PUBLISH`]'s. ARGV: the seq to read after. Returns epoch (or ""), seq, Redis's time in
-/// ms, then for each channel: 1 if its history exists, its floor, and its frames after the seq,
-/// newest first.
+/// KEYS as [`PUBLISH`]'s. ARGV: the seq to read after, and the epoch to use if the deployment has
+/// none yet (so that a position handed out before the first publish stays valid). Returns epoch,
+/// seq, Redis's time in ms, then for each channel: 1 if its history exists, its floor, and its
+/// frames after the seq, newest first.
 pub(super) static READ: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[2]) == 1 then
+  redis.call('HSET', KEYS[1], 'seq', 0)
+end
 local clock = redis.call('HMGET', KEYS[1], 'epoch', 'seq', 'ms')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -319,7 +319,7 @@ impl Cluster {
                 let mut script = history::PUBLISH.prepare_invoke();
                 self.history_keys(&mut script, &names);
                 script
-                    .arg(format!("{:08x}", self.instance as u32))
+                    .arg(self.epoch_candidate())
                     .arg(self.history_size)
                     .arg(self.history_ttl.as_millis() as u64)
                     .arg(&head[..])
@@ -365,7 +365,7 @@ impl Cluster {
         let deadline = Instant::now() + self.timeout;
         let mut script = history::READ.prepare_invoke();
         self.history_keys(&mut script, names);
-        script.arg(after);
+        script.arg(after).arg(self.epoch_candidate());
         let answer: Vec<redis::Value> = self
             .bounded(deadline, script.invoke_async(&mut connection))
             .await?;
@@ -376,6 +376,11 @@ impl Cluster {
             );
             ClusterError::Unavailable
         })
+    }
+
+    /// The epoch this node proposes if the deployment's history has none yet (Redis started empty).
+    fn epoch_candidate(&self) -> String {
+        format!("{:08x}", self.instance as u32)
     }
 
     /// The keys both history scripts take: the clock, each channel's list, each one's floor.

@@ -76,6 +76,12 @@ pub fn frame(position: &Position, event: &Event<'_>) -> Bytes {
 
 const ID: &[u8] = b"id: ";
 
+/// `id: <position>` alone: a block without data dispatches no event, but sets the stream's last
+/// event id (WHATWG HTML, server-sent events: the id is taken before the empty data is dropped).
+pub fn position_frame(position: &Position) -> Bytes {
+    Bytes::from(format!("id: {}\n\n", position.format()))
+}
+
 /// The position a history frame starts with; `None` for any other frame.
 pub fn position_of(frame: &[u8]) -> Option<Position> {
     let rest = frame.strip_prefix(ID)?;
