@@ -30,13 +30,32 @@ impl Cluster {
     /// Redis, the backend double and `n` gateways with `REDIS_URL` (each builder passed through
     /// `configure` for extra settings); returns once every node is ready and counts `n` nodes.
     pub async fn start(n: usize, configure: impl Fn(GatewayBuilder) -> GatewayBuilder) -> Cluster {
+        Cluster::start_on("", n, configure).await
+    }
+
+    /// As [`Cluster::start`], with every node's `REDIS_URL` naming Redis database `db`
+    /// (`redis://127.0.0.1:<port>/<db>`).
+    pub async fn start_in_db(
+        db: u32,
+        n: usize,
+        configure: impl Fn(GatewayBuilder) -> GatewayBuilder,
+    ) -> Cluster {
+        Cluster::start_on(&format!("/{db}"), n, configure).await
+    }
+
+    /// [`Cluster::start`] with `path` after the Redis URL's address.
+    async fn start_on(
+        path: &str,
+        n: usize,
+        configure: impl Fn(GatewayBuilder) -> GatewayBuilder,
+    ) -> Cluster {
         let redis = Redis::start().await;
         let backend = Backend::start().await;
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
             let builder = Gateway::builder()
                 .callback(&backend)
-                .env("REDIS_URL", redis.url());
+                .env("REDIS_URL", format!("{}{path}", redis.url()));
             nodes.push(configure(builder).spawn().await);
         }
         let cluster = Cluster {

@@ -5,7 +5,7 @@
 //! when dropped.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -138,6 +138,42 @@ impl Redis {
             .await
             .unwrap_or_else(|_| panic!("redis {args:?}: no reply within 5 s"))
             .unwrap_or_else(|e| panic!("redis {args:?}: {e}"))
+    }
+
+    /// Sends `SELECT db` and then one command, on one fresh connection; returns the command's
+    /// reply (for a deployment that was pointed at database `db`).
+    pub async fn query_in(&self, db: u32, args: &[&str]) -> Resp {
+        let db = db.to_string();
+        let replies = timeout(
+            Duration::from_secs(5),
+            commands(self.addr, &[&["SELECT", db.as_str()], args]),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("redis SELECT {db}; {args:?}: no reply within 5 s"))
+        .unwrap_or_else(|e| panic!("redis SELECT {db}; {args:?}: {e}"));
+        let [select, reply]: [Resp; 2] = replies.try_into().expect("two replies");
+        assert_eq!(select, Resp::Simple("OK".into()), "SELECT {db}");
+        reply
+    }
+
+    /// The directory the server runs in (its `--dir`), where an RDB or AOF file would be written.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names of the files in [`Redis::dir`] that a restarted server would load data from (an RDB
+    /// snapshot, an append-only file or directory); empty with this helper's settings.
+    pub fn persisted_files(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                name.ends_with(".rdb") || name.ends_with(".aof") || name.contains("appendonly")
+            })
+            .collect()
     }
 
     /// SIGKILL, then waits for the process to be gone: the port is closed when this returns.
@@ -308,6 +344,43 @@ async fn command(addr: SocketAddr, args: &[&str]) -> std::io::Result<Resp> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// Several RESP commands on one fresh connection, written together; returns their replies in
+/// order.
+async fn commands(addr: SocketAddr, cmds: &[&[&str]]) -> std::io::Result<Vec<Resp>> {
+    let mut sock = TcpStream::connect(addr).await?;
+    let mut req = Vec::new();
+    for args in cmds {
+        req.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in *args {
+            req.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    }
+    sock.write_all(&req).await?;
+    let mut replies = Vec::with_capacity(cmds.len());
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while replies.len() < cmds.len() {
+        if let Some((reply, used)) = parse_reply(&buf)? {
+            replies.push(reply);
+            buf.drain(..used);
+            continue;
+        }
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "redis closed the connection after {} replies; got {:?}",
+                    replies.len(),
+                    String::from_utf8_lossy(&buf)
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(replies)
 }
 
 fn bad(line: &str) -> std::io::Error {
