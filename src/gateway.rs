@@ -183,7 +183,17 @@ impl Gateway {
             let result = match outcome {
                 Outcome::Accepted(answer) => {
                     let limit = gateway.config.max_channels_per_stream;
-                    let joined = connect_channels(&answer).and_then(|names| {
+                    let parsed = connect_channels(&answer);
+                    // A stream that came without a position starts from the one before its join
+                    // and catches up from there as a resume does: what is published meanwhile is
+                    // neither lost nor doubled.
+                    let start = match (&parsed, &last_event_id) {
+                        (Ok(names), None) if gateway.history_on() && !names.is_empty() => {
+                            gateway.position().await
+                        }
+                        _ => None,
+                    };
+                    let joined = parsed.and_then(|names| {
                         gateway
                             .channels
                             .join(&stream, names.iter().map(String::as_str), limit)
@@ -211,9 +221,15 @@ impl Gateway {
                     if gateway.history_on() && !names.is_empty() {
                         // After the join: what is published from here on is live, the rest
                         // kept, and [`Stream::resume`] merges the two.
-                        match &last_event_id {
-                            Some(last) => gateway.resume(&stream, &names, last).await,
-                            None => gateway.start_position(&stream).await,
+                        match (&last_event_id, start) {
+                            (Some(last), _) => gateway.resume(&stream, &names, last, None).await,
+                            (None, Some(start)) => {
+                                let from = start.format();
+                                let block = history::position_frame(&start);
+                                gateway.resume(&stream, &names, &from, Some(block)).await;
+                            }
+                            // No position to be had (Redis unreachable): opens as without history.
+                            (None, None) => {}
                         }
                     }
                     gateway
@@ -549,27 +565,23 @@ impl Gateway {
         self.fan_out(names, frame.as_ref(), close, None, seq).await
     }
 
-    /// Gives a stream that came without a position the current one, as an `id:`-only frame that
-    /// dispatches no event but becomes the page's `Last-Event-ID`: a page that loses its stream
-    /// before its first event still resumes from where it joined, rather than losing what was
-    /// published meanwhile without a word.
-    async fn start_position(&self, stream: &Stream) {
-        let now = match (&self.history, &self.cluster) {
-            (Some(history), _) => history.snapshot(&[], u64::MAX).0,
-            (None, Some(cluster)) => match cluster.history(&[], u64::MAX).await {
-                Ok((now, _)) => now,
-                // Without Redis the stream opens without a position, as with history off.
-                Err(_) => return,
-            },
-            (None, None) => return,
-        };
-        let frame = history::position_frame(&now.position);
-        stream.resume(vec![frame], now.position.seq, self.config.max_queue_bytes);
+    /// The newest position handed out, as of now: where a new stream starts.
+    async fn position(&self) -> Option<history::Position> {
+        match (&self.history, &self.cluster) {
+            (Some(history), _) => Some(history.snapshot(&[], u64::MAX).0.position),
+            (None, Some(cluster)) => Some(cluster.history(&[], u64::MAX).await.ok()?.0.position),
+            (None, None) => None,
+        }
     }
 
     /// Puts what `stream` missed in `names` since position `last` before its live events
     /// (PROTOCOL §11), or the gap event when that cannot be done. Called after the join.
-    async fn resume(&self, stream: &Stream, names: &[&str], last: &str) {
+    ///
+    /// `start`: the stream came without a position and `last` is the one taken before its join;
+    /// `start` is its `id:`-only block, which goes first so that the page has a position even if
+    /// it drops before its first event. Such a catch-up is not a resume: not counted, and without
+    /// Redis the stream just opens.
+    async fn resume(&self, stream: &Stream, names: &[&str], last: &str, start: Option<Bytes>) {
         let after = history::Position::parse(last).map_or(u64::MAX, |p| p.seq);
         let snapshot = match (&self.history, &self.cluster) {
             (Some(history), _) => Ok(history.snapshot(names, after)),
@@ -577,6 +589,9 @@ impl Gateway {
             (None, None) => return,
         };
         let Ok((now, kept)) = snapshot else {
+            if start.is_some() {
+                return;
+            }
             // Neither a resume nor a gap can be told without the history: the page reconnects
             // by itself after this clean end, and resumes once Redis answers.
             log!(
@@ -588,6 +603,20 @@ impl Gateway {
             return;
         };
         let max = self.config.max_queue_bytes;
+        if let Some(start) = start {
+            // What its channels kept since just before the join: a new stream's page has no
+            // state to reload, so a loss in that window (a channel's size bound passed while
+            // the join ran) is no gap here; its position says so if the page ever resumes
+            // from it.
+            let after = history::Position::parse(last).map_or(u64::MAX, |p| p.seq);
+            let frames = std::iter::once(start)
+                .chain(history::kept_after(after, kept))
+                .collect();
+            if !stream.resume(frames, now.position.seq, max) {
+                self.end(stream, EndReason::Error);
+            }
+            return;
+        }
         let gap = match history::resolve(last, now, self.config.history_ttl, kept) {
             Resume::Complete { frames, through } => {
                 // A replay larger than the stream's queue bound cannot be written: a gap too.

@@ -211,10 +211,12 @@ impl Stream {
         if state.end.is_some() {
             return Delivery::AlreadyEnded;
         }
-        if state.replayed(seq) {
+        // A replayed frame is not queued again, but its `close` still ends the stream.
+        let replayed = state.replayed(seq);
+        if replayed && !close {
             return Delivery::Replayed;
         }
-        if let Some(frame) = frame {
+        if let Some(frame) = frame.filter(|_| !replayed) {
             if !close && state.queue.is_empty() && frame.len() <= max_queue_bytes {
                 if let Some(socket) = state.idle_socket() {
                     self.write_directly(state, &socket, std::slice::from_ref(frame));
@@ -294,7 +296,9 @@ impl Stream {
     /// `max_queue_bytes`.
     pub fn resume(&self, replay: Vec<Bytes>, through: u64, max_queue_bytes: usize) -> bool {
         let mut state = self.state.lock();
-        if state.end.is_some() {
+        // A clean end (a closing publish that raced the resume) still drains the queue: the
+        // replay goes before its frame. After any other end nobody will read it.
+        if state.end.is_some_and(|end| end != EndReason::ServerClosed) {
             return true;
         }
         let live = |frame: &Bytes| history::position_of(frame).is_none_or(|p| p.seq > through);
@@ -622,5 +626,22 @@ mod tests {
         assert!(!s.resume(vec![at(3), at(4)], 6, bound));
         assert!(s.resume(vec![at(3)], 6, bound));
         assert_eq!(take(&s), vec![at(3), at(8)]);
+    }
+
+    #[test]
+    fn a_closing_frame_keeps_its_close_when_replayed_and_a_clean_end_keeps_the_replay() {
+        let s = stream();
+        assert!(s.resume(vec![at(3)], 4, 1 << 20));
+        assert!(matches!(
+            s.deliver(Some(&at(4)), true, 1 << 20, 4),
+            Delivery::Queued { ended: true }
+        ));
+        assert_eq!(take(&s), vec![at(3)]);
+
+        // The closing publish arrived between the join and the resume.
+        let s = stream();
+        s.deliver(Some(&at(9)), true, 1 << 20, 9);
+        assert!(s.resume(vec![at(7), at(8)], 8, 1 << 20));
+        assert_eq!(take(&s), vec![at(7), at(8), at(9)]);
     }
 }

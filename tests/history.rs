@@ -1224,7 +1224,8 @@ async fn a_publish_that_counts_a_new_stream_reaches_it() {
             .chain(pads.iter().map(String::as_str))
             .collect();
         let mut stream = open(&gw, &mut backend, &names, None).await;
-        let first: u64 = stream.next_event(SOON).await.data.parse().unwrap();
+        let event = stream.next_event(SOON).await;
+        let first: u64 = event.data.parse().unwrap_or_else(|_| panic!("{event:?}"));
         first_seen.push(first);
     }
     stop.store(true, Ordering::SeqCst);

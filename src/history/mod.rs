@@ -137,39 +137,39 @@ pub fn resolve(last_event_id: &str, now: Now, ttl: Duration, channels: Vec<Kept>
     let ttl = ttl.as_millis() as u64;
     // Kept past this time only by the sweep's lag: expired all the same.
     let horizon = now.position.ms.saturating_sub(ttl);
-    let mut frames = Vec::new();
-    for channel in channels {
-        if !channel.known {
+    for channel in &channels {
+        let lost = if channel.known {
+            channel.floor > from.seq
+                || channel.frames.iter().any(|frame| {
+                    position_of(frame).is_some_and(|at| at.seq > from.seq && at.ms <= horizon)
+                })
+        } else {
             // Nothing kept: events after `from` would be kept unless they expired, and only
             // events published more than a TTL ago can have; or the byte bound forgot them.
-            if from.ms <= horizon || from.seq < now.forgotten_through {
-                return gap();
-            }
-            continue;
-        }
-        if channel.floor > from.seq {
+            from.ms <= horizon || from.seq < now.forgotten_through
+        };
+        if lost {
             return gap();
         }
-        for frame in channel.frames {
-            let Some(at) = position_of(&frame) else {
-                continue;
-            };
-            if at.seq <= from.seq {
-                continue;
-            }
-            if at.ms <= horizon {
-                return gap();
-            }
-            frames.push((at.seq, frame));
-        }
     }
-    frames.sort_unstable_by_key(|(seq, _)| *seq);
-    // An event published to several of the stream's channels is kept in each: once.
-    frames.dedup_by_key(|(seq, _)| *seq);
     Resume::Complete {
-        frames: frames.into_iter().map(|(_, frame)| frame).collect(),
+        frames: kept_after(from.seq, channels),
         through: now.position.seq,
     }
+}
+
+/// The kept frames of `channels` after position `after`, oldest first, each once (an event
+/// published to several of the channels is kept in each).
+pub fn kept_after(after: u64, channels: Vec<Kept>) -> Vec<Bytes> {
+    let mut frames: Vec<(u64, Bytes)> = channels
+        .into_iter()
+        .flat_map(|channel| channel.frames)
+        .filter_map(|frame| Some((position_of(&frame)?.seq, frame)))
+        .filter(|(seq, _)| *seq > after)
+        .collect();
+    frames.sort_unstable_by_key(|(seq, _)| *seq);
+    frames.dedup_by_key(|(seq, _)| *seq);
+    frames.into_iter().map(|(_, frame)| frame).collect()
 }
 
 /// `event: gateway.gap` with the position as received and the current position as its `id`,

@@ -651,6 +651,11 @@ impl SseStream {
         }
     }
 
+    /// The `Last-Event-ID` a browser would reconnect with, from what was parsed so far.
+    pub fn last_event_id(&self) -> &str {
+        self.parser.last_event_id()
+    }
+
     /// Closes the socket with an RST instead of a FIN.
     pub fn reset(self) {
         let _ = self.conn.sock.set_zero_linger();

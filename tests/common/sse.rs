@@ -100,6 +100,12 @@ impl Parser {
         out
     }
 
+    /// The stream's last event ID as a browser would send it back on reconnect: set at each
+    /// dispatch, also by a block that carries an id and no data (which fires no event).
+    pub fn last_event_id(&self) -> &str {
+        &self.last_event_id
+    }
+
     fn line(&mut self, line: &str, out: &mut Vec<Item>) {
         if line.is_empty() {
             self.dispatch(out);
