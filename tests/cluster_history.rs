@@ -645,7 +645,7 @@ async fn a_redis_restarted_empty_starts_a_new_epoch_an_old_position_is_a_gap() {
     cl.backend.next_disconnect(&token, "server_closed").await;
 
     cl.redis.restart().await;
-    for k in ["history:clock", "history:r"] {
+    for k in ["history-clock", "history:r"] {
         assert_eq!(cl.redis.command(&["EXISTS", &key(k)]).await, ":0", "{k}");
     }
     cl.wait_joined(3, Duration::from_secs(10)).await;
@@ -821,8 +821,8 @@ async fn event_id_is_refused_and_the_history_keys_sit_under_the_prefix_with_a_tt
     assert_eq!(
         keys,
         [
+            format!("{prefix}history-clock"),
             format!("{prefix}history-floor:k"),
-            format!("{prefix}history:clock"),
             format!("{prefix}history:k"),
         ]
     );

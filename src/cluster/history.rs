@@ -1,7 +1,7 @@
 //! History in Redis (PROTOCOL §11 in a cluster): every node's publishes take their position and
 //! are kept in one Lua script, so a page resumes on any node, also after its own node died.
 //!
-//! Owns the two scripts and the keys they touch, all under the deployment's prefix: `history:clock`
+//! Owns the two scripts and the keys they touch, all under the deployment's prefix: `history-clock`
 //! (a hash: `epoch`, the deployment's position counter `seq`, and the last publish time `ms`, which
 //! never goes back), `history:<name>` (a channel's kept frames, newest first, at most
 //! `HISTORY_SIZE`) and `history-floor:<name>` (the newest seq that the size bound dropped). Both

@@ -133,12 +133,14 @@ impl Cluster {
             return;
         }
         let (done, confirmed) = oneshot::channel();
-        if self
+        let queued = self
             .interest
             .changes
             .send(Change::Watch(missing, done))
-            .is_ok()
-        {
+            .is_ok();
+        // Down: nobody would confirm before the timeout (a join against a Redis that does not
+        // answer takes its own time), and the rejoin listens to these channels anyway.
+        if queued && self.is_up() {
             // Err: the link failed first; its rejoin restores the interest.
             let _ = tokio::time::timeout(self.timeout, confirmed).await;
         }

@@ -132,8 +132,9 @@ impl Keys {
         format!("{}claim:{node}", self.prefix)
     }
 
+    /// Outside `history:<name>` (no colon after `history`), so no channel's list can be it.
     fn history_clock(&self) -> String {
-        format!("{}history:clock", self.prefix)
+        format!("{}history-clock", self.prefix)
     }
 
     fn history(&self, name: &str) -> String {
@@ -378,9 +379,12 @@ impl Cluster {
         })
     }
 
-    /// The epoch this node proposes if the deployment's history has none yet (Redis started empty).
+    /// An epoch to propose if the deployment's history has none yet (Redis started empty): fresh
+    /// each time, so that a Redis that lost its data never gets the epoch of its earlier life back.
     fn epoch_candidate(&self) -> String {
-        format!("{:08x}", self.instance as u32)
+        let mut epoch = [0u8; 4];
+        getrandom::getrandom(&mut epoch).expect("the OS CSPRNG is available");
+        format!("{:08x}", u32::from_le_bytes(epoch))
     }
 
     /// The keys both history scripts take: the clock, each channel's list, each one's floor.
