@@ -221,15 +221,14 @@ impl Gateway {
                     if gateway.history_on() && !names.is_empty() {
                         // After the join: what is published from here on is live, the rest
                         // kept, and [`Stream::resume`] merges the two.
-                        match (&last_event_id, start) {
-                            (Some(last), _) => gateway.resume(&stream, &names, last, None).await,
-                            (None, Some(start)) => {
-                                let from = start.format();
-                                let block = history::position_frame(&start);
-                                gateway.resume(&stream, &names, &from, Some(block)).await;
-                            }
+                        let from = match (&last_event_id, start) {
+                            (Some(last), _) => Some(CatchUp::Resume(last)),
+                            (None, Some(start)) => Some(CatchUp::Start(start)),
                             // No position to be had (Redis unreachable): opens as without history.
-                            (None, None) => {}
+                            (None, None) => None,
+                        };
+                        if let Some(from) = from {
+                            gateway.catch_up(&stream, &names, from).await;
                         }
                     }
                     gateway
@@ -565,68 +564,74 @@ impl Gateway {
         self.fan_out(names, frame.as_ref(), close, None, seq).await
     }
 
-    /// The newest position handed out, as of now: where a new stream starts.
+    /// The newest position handed out, as of now: where a new stream starts. On one node it is
+    /// taken between fan-outs, so every publish up to it has listed its members already.
     async fn position(&self) -> Option<history::Position> {
         match (&self.history, &self.cluster) {
-            (Some(history), _) => Some(history.snapshot(&[], u64::MAX).0.position),
+            (Some(history), _) => {
+                let _order = history.order.lock().await;
+                Some(history.snapshot(&[], u64::MAX).0.position)
+            }
             (None, Some(cluster)) => Some(cluster.history(&[], u64::MAX).await.ok()?.0.position),
             (None, None) => None,
         }
     }
 
-    /// Puts what `stream` missed in `names` since position `last` before its live events
-    /// (PROTOCOL §11), or the gap event when that cannot be done. Called after the join.
-    ///
-    /// `start`: the stream came without a position and `last` is the one taken before its join;
-    /// `start` is its `id:`-only block, which goes first so that the page has a position even if
-    /// it drops before its first event. Such a catch-up is not a resume: not counted, and without
-    /// Redis the stream just opens.
-    async fn resume(&self, stream: &Stream, names: &[&str], last: &str, start: Option<Bytes>) {
-        let after = history::Position::parse(last).map_or(u64::MAX, |p| p.seq);
+    /// Puts what `stream` missed in `names` since `from` before its live events (PROTOCOL §11), or
+    /// the gap event when that cannot be done. Called after the join.
+    async fn catch_up(&self, stream: &Stream, names: &[&str], from: CatchUp<'_>) {
+        let after = match from {
+            CatchUp::Resume(last) => history::Position::parse(last).map_or(u64::MAX, |p| p.seq),
+            CatchUp::Start(start) => start.seq,
+        };
         let snapshot = match (&self.history, &self.cluster) {
             (Some(history), _) => Ok(history.snapshot(names, after)),
             (None, Some(cluster)) => cluster.history(names, after).await,
             (None, None) => return,
         };
-        let Ok((now, kept)) = snapshot else {
-            if start.is_some() {
+        let max = self.config.max_queue_bytes;
+        let (last, now, kept) = match (from, snapshot) {
+            (CatchUp::Resume(last), Ok((now, kept))) => (last, now, kept),
+            (CatchUp::Resume(_), Err(_)) => {
+                // Neither a resume nor a gap can be told without the history: the page
+                // reconnects by itself after this clean end, and resumes once Redis answers.
+                log!(
+                    Level::Warn,
+                    "cluster: history unreachable, ending the resuming stream token={}",
+                    stream.token
+                );
+                self.end(stream, EndReason::ServerClosed);
                 return;
             }
-            // Neither a resume nor a gap can be told without the history: the page reconnects
-            // by itself after this clean end, and resumes once Redis answers.
-            log!(
-                Level::Warn,
-                "cluster: history unreachable, ending the resuming stream token={}",
-                stream.token
-            );
-            self.end(stream, EndReason::ServerClosed);
-            return;
-        };
-        let max = self.config.max_queue_bytes;
-        if let Some(start) = start {
-            // What its channels kept since just before the join: a new stream's page has no
-            // state to reload, so a loss in that window (a channel's size bound passed while
-            // the join ran) is no gap here; its position says so if the page ever resumes
-            // from it.
-            let after = history::Position::parse(last).map_or(u64::MAX, |p| p.seq);
-            let frames = std::iter::once(start)
-                .chain(history::kept_after(after, kept))
-                .collect();
-            if !stream.resume(frames, now.position.seq, max) {
-                self.end(stream, EndReason::Error);
+            (CatchUp::Start(_), Err(_)) => return,
+            (CatchUp::Start(start), Ok((now, kept))) => {
+                // The position first, then what the channels kept since just before the join.
+                // A new stream's page has no state to reload, so a loss in that window (a
+                // channel's size bound passed while the join ran) is no gap here; its position
+                // tells if the page ever resumes from it.
+                let frames = std::iter::once(history::position_frame(&start))
+                    .chain(history::kept_after(start.seq, kept))
+                    .collect();
+                if !stream.catch_up(frames, start.seq, now.position.seq, max) {
+                    self.end(stream, EndReason::Error);
+                }
+                return;
             }
-            return;
-        }
+        };
         let gap = match history::resolve(last, now, self.config.history_ttl, kept) {
-            Resume::Complete { frames, through } => {
+            Resume::Complete {
+                frames,
+                after,
+                through,
+            } => {
                 // A replay larger than the stream's queue bound cannot be written: a gap too.
-                (!stream.resume(frames, through, max)).then(|| history::gap(last, &now))
+                (!stream.catch_up(frames, after, through, max)).then(|| history::gap(last, &now))
             }
             Resume::Gap { frame, through } => Some((frame, through)),
         };
         let complete = gap.is_none();
         if let Some((frame, through)) = gap {
-            if !stream.resume(vec![frame], through, max) {
+            if !stream.catch_up(vec![frame], through, through, max) {
                 self.end(stream, EndReason::Error);
             }
         }
@@ -734,6 +739,16 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Where a stream's catch-up starts (see [`Gateway::catch_up`]).
+#[derive(Clone, Copy)]
+enum CatchUp<'a> {
+    /// The position the page came back with, as received: a resume, or a gap.
+    Resume(&'a str),
+    /// A stream that came without a position: the one taken just before its join. Not counted as
+    /// a resume, never a gap, and without Redis the stream just opens.
+    Start(history::Position),
 }
 
 /// Drops expired history every second, until the gateway is gone.

@@ -76,10 +76,18 @@ struct State {
     chunked: bool,
     /// Who is writing to the socket right now; at most one party at a time.
     writing: Writing,
-    /// A resumed stream's replay ran through this position (PROTOCOL §11): a published frame at or
-    /// before it that arrives late (its fan-out had already listed this stream) is already in
-    /// the replay. 0 once a later frame arrived (positions arrive in order), and without history.
-    skip_through: u64,
+    /// Set by a catch-up (PROTOCOL §11) until the first published frame after it arrives:
+    /// which late frames (their fan-out listed this stream before the catch-up) it already holds.
+    /// Boxed: a stream pays one pointer for it, and without history never more.
+    caught_up: Option<Box<CaughtUp>>,
+}
+
+/// What a catch-up queued: everything up to `after`, and of what followed up to `through`, the
+/// positions in `held` (sorted).
+struct CaughtUp {
+    after: u64,
+    through: u64,
+    held: Vec<u64>,
 }
 
 impl State {
@@ -93,17 +101,17 @@ impl State {
         }
     }
 
-    /// Whether a published frame at `seq` was in this stream's replay; the first later one ends
-    /// the check.
+    /// Whether a published frame at `seq` is one the stream's catch-up already queued; the
+    /// first later one ends the check.
     fn replayed(&mut self, seq: u64) -> bool {
-        if seq == 0 || self.skip_through == 0 {
+        let Some(caught_up) = self.caught_up.as_deref().filter(|_| seq != 0) else {
+            return false;
+        };
+        if seq > caught_up.through {
+            self.caught_up = None;
             return false;
         }
-        if seq <= self.skip_through {
-            return true;
-        }
-        self.skip_through = 0;
-        false
+        seq <= caught_up.after || caught_up.held.binary_search(&seq).is_ok()
     }
 
     /// Moves up to `max` queued frames, in order, into `out`; returns their bytes. A ring that a
@@ -289,36 +297,56 @@ impl Stream {
         None
     }
 
-    /// Puts a resumed stream's `replay` (frames through position `through`, oldest first) before
-    /// what its channels delivered since it joined them, dropping those already in the replay,
-    /// and drops the same from later deliveries. Called before the stream is accepted, while no
-    /// writer has taken anything. False, changing nothing, when it all would not fit in
-    /// `max_queue_bytes`.
-    pub fn resume(&self, replay: Vec<Bytes>, through: u64, max_queue_bytes: usize) -> bool {
+    /// Catches a stream up before it is accepted (PROTOCOL §11): `first` (a replay of what its
+    /// channels kept after position `after`, oldest first, or a gap event) and what its channels
+    /// delivered since it joined them become one queue in position order, each position once;
+    /// frames at or before `after` are dropped, now and when they arrive late, as are late
+    /// copies of what is queued up to `through` (the history's position at the snapshot).
+    /// Frames without a position (heartbeats) keep to the end. Called while no writer has taken
+    /// anything. False, changing nothing, when it all would not fit in `max_queue_bytes`.
+    pub fn catch_up(&self, first: Vec<Bytes>, after: u64, through: u64, max: usize) -> bool {
         let mut state = self.state.lock();
-        // A clean end (a closing publish that raced the resume) still drains the queue: the
+        // A clean end (a closing publish that raced the catch-up) still drains the queue: the
         // replay goes before its frame. After any other end nobody will read it.
         if state.end.is_some_and(|end| end != EndReason::ServerClosed) {
             return true;
         }
-        let live = |frame: &Bytes| history::position_of(frame).is_none_or(|p| p.seq > through);
-        let bytes = replay.iter().map(Bytes::len).sum::<usize>()
-            + state
-                .queue
-                .iter()
-                .filter(|frame| live(frame))
-                .map(Bytes::len)
-                .sum::<usize>();
-        if bytes > max_queue_bytes {
+        let seq = |frame: &Bytes| history::position_of(frame).map(|p| p.seq);
+        // `first` leads: a gap event has no position of its own to sort by.
+        let mut ordered: Vec<(u64, Bytes)> = first.into_iter().map(|f| (0, f)).collect();
+        let mut rest = Vec::new();
+        for frame in &state.queue {
+            match seq(frame) {
+                Some(at) if at <= after => {}
+                Some(at) => ordered.push((at, frame.clone())),
+                None => rest.push(frame.clone()),
+            }
+        }
+        for entry in ordered.iter_mut() {
+            if entry.0 == 0 {
+                entry.0 = seq(&entry.1).unwrap_or(after);
+            }
+        }
+        // Stable: a position both replayed and delivered keeps the replay's copy.
+        ordered.sort_by_key(|(at, _)| *at);
+        ordered.dedup_by_key(|(at, _)| *at);
+        let bytes = ordered.iter().map(|(_, f)| f.len()).sum::<usize>()
+            + rest.iter().map(Bytes::len).sum::<usize>();
+        if bytes > max {
             return false;
         }
-        let queue = std::mem::take(&mut state.queue);
-        state.queue = replay
-            .into_iter()
-            .chain(queue.into_iter().filter(live))
+        let held = ordered
+            .iter()
+            .map(|(at, _)| *at)
+            .filter(|at| *at > after && *at <= through)
             .collect();
+        state.queue = ordered.into_iter().map(|(_, f)| f).chain(rest).collect();
         state.queued_bytes = bytes;
-        state.skip_through = through;
+        state.caught_up = Some(Box::new(CaughtUp {
+            after,
+            through,
+            held,
+        }));
         true
     }
 
@@ -587,20 +615,24 @@ mod tests {
     }
 
     #[test]
-    fn a_resume_puts_the_replay_first_and_each_position_once() {
+    fn a_catch_up_puts_the_replay_first_and_each_position_once() {
         let s = stream();
         assert!(s.heartbeat().is_some());
-        // Delivered live between the join and the history snapshot: 5 is in the replay too.
-        for seq in [5, 8] {
+        // Delivered live between the join and the history snapshot: 5 is in the replay too, 1 is
+        // at or before the position the stream came back with.
+        for seq in [1, 5, 8] {
             s.deliver(Some(&at(seq)), false, 1 << 20, seq);
         }
-        assert!(s.resume(vec![at(3), at(4), at(5)], 6, 1 << 20));
-        // Late copies of replayed positions (their fan-out listed the stream earlier) are dropped
-        // until a later position arrives; per-token frames (seq 0) always pass.
-        assert!(matches!(
-            s.deliver(Some(&at(6)), false, 1 << 20, 6),
-            Delivery::Replayed
-        ));
+        assert!(s.catch_up(vec![at(3), at(4), at(5)], 2, 6, 1 << 20));
+        // Late copies of what the catch-up holds (their fan-out listed the stream before it),
+        // and anything at or before the position, are dropped until a later position arrives;
+        // per-token frames (seq 0) always pass.
+        for seq in [4, 2] {
+            assert!(matches!(
+                s.deliver(Some(&at(seq)), false, 1 << 20, seq),
+                Delivery::Replayed
+            ));
+        }
         s.deliver(Some(&frame("send")), false, 1 << 20, 0);
         s.deliver(Some(&at(9)), false, 1 << 20, 9);
         s.deliver(Some(&at(2)), false, 1 << 20, 2);
@@ -608,8 +640,8 @@ mod tests {
             at(3),
             at(4),
             at(5),
-            crate::frame::HEARTBEAT.clone(),
             at(8),
+            crate::frame::HEARTBEAT.clone(),
             frame("send"),
             at(9),
             at(2),
@@ -619,29 +651,53 @@ mod tests {
     }
 
     #[test]
+    fn a_late_frame_the_replay_did_not_hold_is_delivered() {
+        let s = stream();
+        assert!(s.catch_up(vec![at(3)], 2, 5, 1 << 20));
+        assert!(matches!(
+            s.deliver(Some(&at(4)), false, 1 << 20, 4),
+            Delivery::Queued { .. }
+        ));
+        assert_eq!(take(&s), vec![at(3), at(4)]);
+    }
+
+    #[test]
+    fn a_gap_drops_everything_up_to_its_position() {
+        let s = stream();
+        s.deliver(Some(&at(4)), false, 1 << 20, 4);
+        s.deliver(Some(&at(7)), false, 1 << 20, 7);
+        assert!(s.catch_up(vec![frame("gap")], 5, 5, 1 << 20));
+        assert!(matches!(
+            s.deliver(Some(&at(5)), false, 1 << 20, 5),
+            Delivery::Replayed
+        ));
+        assert_eq!(take(&s), vec![frame("gap"), at(7)]);
+    }
+
+    #[test]
     fn a_replay_past_the_queue_bound_changes_nothing() {
         let s = stream();
         s.deliver(Some(&at(8)), false, 1 << 20, 8);
         let bound = at(8).len() + at(3).len();
-        assert!(!s.resume(vec![at(3), at(4)], 6, bound));
-        assert!(s.resume(vec![at(3)], 6, bound));
+        assert!(!s.catch_up(vec![at(3), at(4)], 2, 6, bound));
+        assert!(s.catch_up(vec![at(3)], 2, 6, bound));
         assert_eq!(take(&s), vec![at(3), at(8)]);
     }
 
     #[test]
     fn a_closing_frame_keeps_its_close_when_replayed_and_a_clean_end_keeps_the_replay() {
         let s = stream();
-        assert!(s.resume(vec![at(3)], 4, 1 << 20));
+        assert!(s.catch_up(vec![at(3), at(4)], 2, 4, 1 << 20));
         assert!(matches!(
             s.deliver(Some(&at(4)), true, 1 << 20, 4),
             Delivery::Queued { ended: true }
         ));
-        assert_eq!(take(&s), vec![at(3)]);
+        assert_eq!(take(&s), vec![at(3), at(4)]);
 
         // The closing publish arrived between the join and the resume.
         let s = stream();
         s.deliver(Some(&at(9)), true, 1 << 20, 9);
-        assert!(s.resume(vec![at(7), at(8)], 8, 1 << 20));
+        assert!(s.catch_up(vec![at(7), at(8)], 6, 8, 1 << 20));
         assert_eq!(take(&s), vec![at(7), at(8), at(9)]);
     }
 }

@@ -113,9 +113,13 @@ pub struct Now {
 /// What a stream that came back with a position gets first.
 #[derive(Debug)]
 pub enum Resume {
-    /// Every event of its channels after the position, oldest first, each once; then live
-    /// events after `through`.
-    Complete { frames: Vec<Bytes>, through: u64 },
+    /// Every event of its channels after the position `after`, oldest first, each once; then
+    /// live events after `through`.
+    Complete {
+        frames: Vec<Bytes>,
+        after: u64,
+        through: u64,
+    },
     /// The position cannot be resumed from: the `gateway.gap` frame, then live events after
     /// `through`.
     Gap { frame: Bytes, through: u64 },
@@ -154,6 +158,7 @@ pub fn resolve(last_event_id: &str, now: Now, ttl: Duration, channels: Vec<Kept>
     }
     Resume::Complete {
         frames: kept_after(from.seq, channels),
+        after: from.seq,
         through: now.position.seq,
     }
 }
