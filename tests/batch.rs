@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{open_stream_with, request};
-use common::{Backend, End, Gateway, Item, Reply, SseStream, SOON};
+use common::{data_of_next, no_event_within, Backend, End, Gateway, Item, Reply, SOON};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 
@@ -55,24 +55,6 @@ fn not_found() -> Value {
 
 fn send(token: &str, data: &str) -> Value {
     json!({"op": "send", "token": token, "event": {"data": data}})
-}
-
-async fn no_event_within(stream: &mut SseStream, quiet: Duration) {
-    loop {
-        match stream.next_item(quiet).await {
-            Ok(Item::Comment(_)) => continue,
-            Ok(Item::Event(e)) => panic!("unexpected event {e:?}"),
-            Err(_) => return,
-        }
-    }
-}
-
-async fn data_of_next(stream: &mut SseStream, n: usize) -> Vec<String> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(stream.next_event(SOON).await.data);
-    }
-    out
 }
 
 /// A gateway without heartbeats in the way, and a backend.

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{open_stream_with, request};
-use common::{Backend, End, Gateway, Item, Reply, Response, SseStream, SOON};
+use common::{no_event_within, Backend, End, Gateway, Item, Reply, Response, SseStream, SOON};
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 
@@ -41,16 +41,6 @@ async fn open_in(
         streams.push(gw.open(backend, &format!("/s/{i}")).await);
     }
     streams
-}
-
-async fn no_event_within(stream: &mut SseStream, quiet: Duration) {
-    loop {
-        match stream.next_item(quiet).await {
-            Ok(Item::Comment(_)) => continue,
-            Ok(Item::Event(e)) => panic!("unexpected event {e:?}"),
-            Err(_) => return,
-        }
-    }
 }
 
 #[tokio::test]

@@ -29,8 +29,8 @@ use common::cluster::{
 };
 use common::http::open_stream_with;
 use common::redis::Resp;
+use common::{last_event_id_header, next_events, SseStream, SOON};
 use common::{Backend, End, Event, Gateway, GatewayBuilder, HttpConn, Item, NoItem, Redis, Reply};
-use common::{SseStream, SOON};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
@@ -133,9 +133,7 @@ async fn open_at(
     channels: &[&str],
     last: Option<&str>,
 ) -> (SseStream, String) {
-    let headers: Vec<(&str, &[u8])> = last
-        .map(|id| vec![("Last-Event-ID", id.as_bytes())])
-        .unwrap_or_default();
+    let headers = last_event_id_header(last);
     open_target(backend, gw, "/history", &headers, channels).await
 }
 
@@ -173,15 +171,6 @@ async fn open_target(
 async fn leave(backend: &mut Backend, stream: SseStream, token: &str) {
     drop(stream);
     backend.next_disconnect(token, "client_closed").await;
-}
-
-/// The next `n` events (heartbeats skipped), each within [`SOON`].
-async fn next_events(stream: &mut SseStream, n: usize) -> Vec<Event> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(stream.next_event(SOON).await);
-    }
-    out
 }
 
 /// Asserts the gap event of §11: `gateway.gap`, data `{"last_event_id": <as sent>}`, and an id
@@ -246,6 +235,56 @@ async fn start_position(stream: &mut SseStream) -> String {
 /// `result` of `sse_gateway_resumes_total` on `gw`.
 async fn resumes(gw: &Gateway, result: &str) -> f64 {
     gw.metrics().await.value(RESUMES, &[("result", result)])
+}
+
+/// A page in `channel` on node A that got `data`, published through B to it alone, and then left
+/// (its disconnect heard): returns that event, whose id is the page's position.
+async fn seen_then_left(cl: &mut Cluster, channel: &str, data: &str) -> Event {
+    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[A], &[channel], None).await;
+    let to = json!({ "channel": channel });
+    assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to, data)).await, 1);
+    let event = s.next_event(SOON).await;
+    leave(&mut cl.backend, s, &token).await;
+    event
+}
+
+/// A stream in `channels` on `gw` coming back from `last`, which must get exactly the events with
+/// data `want` replayed, in position order after `last`, and then nothing within [`QUIET`];
+/// returns it.
+async fn resume_exactly(
+    backend: &mut Backend,
+    gw: &Gateway,
+    channels: &[&str],
+    last: &str,
+    want: &[&str],
+) -> SseStream {
+    let (mut s, _) = open_at(backend, gw, channels, Some(last)).await;
+    let replay = next_events(&mut s, want.len()).await;
+    assert_eq!(datas(&replay), want);
+    assert_in_order(&replay, Some(last));
+    expect_no_event(&mut s, QUIET).await;
+    s
+}
+
+/// A stream in `channels` on `gw` coming back from `last` while its position cannot be looked up
+/// (Redis away): it must end cleanly within `within` with nothing before the end, and the backend
+/// hear `server_closed`, so that the browser retries by itself. Returns how long the stream took
+/// from its request to its end.
+async fn resume_ends_cleanly(
+    backend: &mut Backend,
+    gw: &Gateway,
+    channels: &[&str],
+    last: &str,
+    within: Duration,
+) -> Duration {
+    let opened = Instant::now();
+    let (mut s, token) = open_at(backend, gw, channels, Some(last)).await;
+    let (end, items) = s.end(within).await;
+    let took = opened.elapsed();
+    assert_eq!(end, End::Clean, "a clean end, so the browser retries");
+    assert!(items.is_empty(), "nothing before the end: {items:?}");
+    backend.next_disconnect(&token, "server_closed").await;
+    took
 }
 
 #[tokio::test]
@@ -510,12 +549,9 @@ async fn history_size_trims_in_redis_an_older_position_is_a_gap_and_the_gaps_id_
     let mut cl = Cluster::start(2, with_history("3")).await;
     let ch = ["t"];
     let to_t = json!({"channel": "t"});
-    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[A], &ch, None).await;
-    assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to_t, "e0")).await, 1);
-    let e0 = s.next_event(SOON).await;
+    let e0 = seen_then_left(&mut cl, "t", "e0").await;
     assert_eq!(e0.data, "e0");
     let p0 = e0.last_event_id.clone();
-    leave(&mut cl.backend, s, &token).await;
 
     // Five while away: Redis keeps the last three; e1 and e2 are dropped.
     for i in 1..=5 {
@@ -551,11 +587,8 @@ async fn history_size_trims_in_redis_an_older_position_is_a_gap_and_the_gaps_id_
     for data in ["m1", "m2"] {
         assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to_t, data)).await, 0);
     }
-    let (mut s, _) = open_at(&mut cl.backend, &cl.nodes[A], &ch, Some(&gap.last_event_id)).await;
-    let replay = next_events(&mut s, 3).await;
-    assert_eq!(datas(&replay), ["live", "m1", "m2"]);
-    assert_in_order(&replay, Some(&gap.last_event_id));
-    expect_no_event(&mut s, QUIET).await;
+    let (from, want) = (&gap.last_event_id, ["live", "m1", "m2"]);
+    let _s = resume_exactly(&mut cl.backend, &cl.nodes[A], &ch, from, &want).await;
     assert_eq!(resumes(&cl.nodes[A], "complete").await, 1.0);
     assert_eq!(resumes(&cl.nodes[A], "gap").await, 1.0);
 }
@@ -568,10 +601,7 @@ async fn events_expired_by_the_ttl_in_redis_are_a_gap() {
     .await;
     let ch = ["ttl"];
     let to_ttl = json!({"channel": "ttl"});
-    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[A], &ch, None).await;
-    assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to_ttl, "e0")).await, 1);
-    let p0 = s.next_event(SOON).await.last_event_id;
-    leave(&mut cl.backend, s, &token).await;
+    let p0 = seen_then_left(&mut cl, "ttl", "e0").await.last_event_id;
     assert_eq!(
         publish_ok(&cl.nodes[B], &event_to(&to_ttl, "missed")).await,
         0
@@ -638,11 +668,8 @@ async fn a_redis_restarted_empty_starts_a_new_epoch_an_old_position_is_a_gap() {
     // While it is away a resume can be told neither exact nor a gap: 200, then a clean end at
     // once, the backend hearing connect then server_closed (the browser retries by itself).
     wait_readyz(&cl.nodes[C], SOON, 503).await;
-    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[C], &ch, Some(&p_old)).await;
-    let (end, items) = s.end(Duration::from_secs(1)).await;
-    assert_eq!(end, End::Clean);
-    assert!(items.is_empty(), "nothing before the end: {items:?}");
-    cl.backend.next_disconnect(&token, "server_closed").await;
+    let within = Duration::from_secs(1);
+    resume_ends_cleanly(&mut cl.backend, &cl.nodes[C], &ch, &p_old, within).await;
 
     cl.redis.restart().await;
     for k in ["history-clock", "history:r"] {
@@ -696,10 +723,7 @@ async fn a_resume_while_redis_is_unreachable_ends_cleanly_and_resumes_exactly_on
     let mut cl = Cluster::start(2, with_history("100")).await;
     let ch = ["p"];
     let to_p = json!({"channel": "p"});
-    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[A], &ch, None).await;
-    assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to_p, "e0")).await, 1);
-    let p0 = s.next_event(SOON).await.last_event_id;
-    leave(&mut cl.backend, s, &token).await;
+    let p0 = seen_then_left(&mut cl, "p", "e0").await.last_event_id;
     for data in ["e1", "e2"] {
         assert_eq!(publish_ok(&cl.nodes[B], &event_to(&to_p, data)).await, 0);
     }
@@ -707,11 +731,8 @@ async fn a_resume_while_redis_is_unreachable_ends_cleanly_and_resumes_exactly_on
     // Redis stops answering (SIGSTOP): first before the nodes noticed, then after.
     cl.redis.pause();
     let paused = Instant::now();
-    let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[B], &ch, Some(&p0)).await;
-    let (end, items) = s.end(Duration::from_secs(4)).await;
-    assert_eq!(end, End::Clean, "a clean end, so the browser retries");
-    assert!(items.is_empty(), "nothing before the end: {items:?}");
-    cl.backend.next_disconnect(&token, "server_closed").await;
+    let within = Duration::from_secs(4);
+    resume_ends_cleanly(&mut cl.backend, &cl.nodes[B], &ch, &p0, within).await;
     eprintln!(
         "resume on a silent Redis ended after {:?}",
         paused.elapsed()
@@ -721,13 +742,8 @@ async fn a_resume_while_redis_is_unreachable_ends_cleanly_and_resumes_exactly_on
     // for. Three times, spread over the node's rejoin attempts.
     wait_readyz(&cl.nodes[B], Duration::from_secs(6), 503).await;
     for attempt in 0..3 {
-        let opened = Instant::now();
-        let (mut s, token) = open_at(&mut cl.backend, &cl.nodes[B], &ch, Some(&p0)).await;
-        let (end, items) = s.end(Duration::from_secs(3)).await;
-        let took = opened.elapsed();
-        assert_eq!(end, End::Clean);
-        assert!(items.is_empty(), "nothing before the end: {items:?}");
-        cl.backend.next_disconnect(&token, "server_closed").await;
+        let within = Duration::from_secs(3);
+        let took = resume_ends_cleanly(&mut cl.backend, &cl.nodes[B], &ch, &p0, within).await;
         assert!(
             took < Duration::from_millis(500),
             "attempt {attempt}: a resume on a node that knows Redis is unreachable ended after \
@@ -740,11 +756,7 @@ async fn a_resume_while_redis_is_unreachable_ends_cleanly_and_resumes_exactly_on
     for gw in &cl.nodes {
         wait_ready(gw, REJOIN).await;
     }
-    let (mut s, _) = open_at(&mut cl.backend, &cl.nodes[B], &ch, Some(&p0)).await;
-    let replay = next_events(&mut s, 2).await;
-    assert_eq!(datas(&replay), ["e1", "e2"]);
-    assert_in_order(&replay, Some(&p0));
-    expect_no_event(&mut s, QUIET).await;
+    let mut s = resume_exactly(&mut cl.backend, &cl.nodes[B], &ch, &p0, &["e1", "e2"]).await;
     assert_eq!(publish_ok(&cl.nodes[A], &event_to(&to_p, "live")).await, 1);
     assert_eq!(s.next_event(SOON).await.data, "live");
     assert_eq!(resumes(&cl.nodes[B], "complete").await, 1.0);
@@ -895,15 +907,7 @@ async fn a_burst_of_publishes_through_one_node_reaches_other_nodes_members_compl
             let mut incomplete = 0u64;
             for i in 0..EACH {
                 let body = event_to(&json!({"channel": "burst"}), &seq_data(&format!("p{j}"), i));
-                let bytes = serde_json::to_vec(&body).unwrap();
-                let r = conn
-                    .request(
-                        "POST",
-                        "/internal/publish",
-                        &[("Content-Type", b"application/json")],
-                        Some(&bytes),
-                    )
-                    .await;
+                let r = conn.post_json("/internal/publish", &body).await;
                 assert_eq!(r.status(), 200, "{body}: {}", r.text());
                 let answer = r.json();
                 if answer.get("complete") == Some(&json!(false)) {
@@ -1041,15 +1045,7 @@ async fn a_new_stream_gets_every_publish_that_counted_it_as_delivered() {
                 while !stop.load(Ordering::SeqCst) && i < 20_000 {
                     let data = seq_data(&format!("f{j}"), i);
                     let body = json!({"channel": channel, "event": {"data": data}});
-                    let bytes = serde_json::to_vec(&body).unwrap();
-                    let r = conn
-                        .request(
-                            "POST",
-                            "/internal/publish",
-                            &[("Content-Type", b"application/json")],
-                            Some(&bytes),
-                        )
-                        .await;
+                    let r = conn.post_json("/internal/publish", &body).await;
                     assert_eq!(r.status(), 200, "{body}: {}", r.text());
                     match r.json()["delivered"].as_u64() {
                         Some(0) => {}

@@ -15,12 +15,16 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::panic::Location;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::http::{get, open_stream_with, HttpConn};
-use common::{Backend, Callback, Event, Gateway, Item, Metrics, Reply, SseStream, SOON};
+use common::{
+    data_of_next, last_event_id_header, next_events, no_event_within, Backend, Callback, Gateway,
+    Item, Metrics, Reply, SseStream, SOON,
+};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
@@ -28,11 +32,18 @@ use tokio::time::{timeout, Instant};
 const QUIET: Duration = Duration::from_millis(300);
 
 async fn history_gateway(backend: &Backend, size: &str) -> Gateway {
-    Gateway::builder()
+    history_gateway_with(backend, size, &[]).await
+}
+
+/// As [`history_gateway`], with `extra` settings.
+async fn history_gateway_with(backend: &Backend, size: &str, extra: &[(&str, &str)]) -> Gateway {
+    let mut builder = Gateway::builder()
         .callback(backend)
-        .env("HISTORY_SIZE", size)
-        .spawn()
-        .await
+        .env("HISTORY_SIZE", size);
+    for (key, value) in extra {
+        builder = builder.env(key, *value);
+    }
+    builder.spawn().await
 }
 
 async fn publish(gw: &Gateway, body: Value) -> u64 {
@@ -84,9 +95,7 @@ async fn open(
     channels: &[&str],
     last_event_id: Option<&str>,
 ) -> SseStream {
-    let headers: Vec<(&str, &[u8])> = last_event_id
-        .map(|id| vec![("Last-Event-ID", id.as_bytes())])
-        .unwrap_or_default();
+    let headers = last_event_id_header(last_event_id);
     open_at(gw, backend, "/s", channels, &headers).await.0
 }
 
@@ -97,22 +106,33 @@ async fn open_token(
     channels: &[&str],
     last_event_id: Option<&str>,
 ) -> (SseStream, String) {
-    let headers: Vec<(&str, &[u8])> = last_event_id
-        .map(|id| vec![("Last-Event-ID", id.as_bytes())])
-        .unwrap_or_default();
+    let headers = last_event_id_header(last_event_id);
     let (stream, cb) = open_at(gw, backend, "/s", channels, &headers).await;
     (stream, cb.token().to_owned())
 }
 
-/// Starts opening a stream with `Last-Event-ID: last` in a task, for a test that acts while the
-/// connect callback is in flight.
-fn open_later(addr: SocketAddr, last: &str) -> JoinHandle<SseStream> {
-    let last = last.to_owned();
-    tokio::spawn(async move {
+/// Starts opening a stream with `Last-Event-ID: last` in a task, the backend answering its connect
+/// callback with channel `a` after `delay`; returns once that callback has arrived, for a test
+/// that acts while the callback is in flight.
+async fn open_with_slow_connect(
+    gw: &Gateway,
+    backend: &mut Backend,
+    last: &str,
+    delay: Duration,
+) -> JoinHandle<SseStream> {
+    backend.on_connect(
+        Reply::ok()
+            .body(json!({"channels": ["a"]}).to_string())
+            .delay(delay),
+    );
+    let (addr, last) = (gw.addr, last.to_owned());
+    let opening = tokio::spawn(async move {
         open_stream_with(addr, "/s", &[("Last-Event-ID", last.as_bytes())], None)
             .await
             .unwrap_or_else(|r| panic!("refused: {} {}", r.status(), r.text()))
-    })
+    });
+    next_connect(backend).await;
+    opening
 }
 
 /// Drops `stream` and waits for its `client_closed` disconnect callback.
@@ -123,55 +143,112 @@ async fn leave(backend: &mut Backend, stream: SseStream) {
     assert_eq!(cb.reason(), Some("client_closed"), "{:?}", cb.body);
 }
 
-async fn no_event_within(stream: &mut SseStream, quiet: Duration) {
-    loop {
-        match stream.next_item(quiet).await {
-            Ok(Item::Comment(_)) => continue,
-            Ok(Item::Event(e)) => panic!("unexpected event {e:?}"),
-            Err(_) => return,
-        }
-    }
-}
-
-/// The next `n` events.
-async fn next_events(stream: &mut SseStream, n: usize) -> Vec<Event> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(stream.next_event(SOON).await);
-    }
-    out
-}
-
-/// The data of the next `n` events.
-async fn data_of_next(stream: &mut SseStream, n: usize) -> Vec<String> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(stream.next_event(SOON).await.data);
-    }
-    out
-}
-
 /// The next event, which must be `gateway.gap` for `last_event_id` (as sent); returns its id.
 #[track_caller]
 fn expect_gap<'a>(
     stream: &'a mut SseStream,
     last_event_id: &'a str,
 ) -> impl std::future::Future<Output = String> + 'a {
-    let caller = std::panic::Location::caller();
+    gap_at(stream, last_event_id, Location::caller())
+}
+
+/// [`expect_gap`], failures naming `caller`.
+async fn gap_at(
+    stream: &mut SseStream,
+    last_event_id: &str,
+    caller: &'static Location<'static>,
+) -> String {
+    let gap = stream.next_event(SOON).await;
+    assert_eq!(gap.event, "gateway.gap", "{caller}: {gap:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&gap.data)
+            .unwrap_or_else(|e| panic!("{caller}: gap data not JSON ({e}): {gap:?}")),
+        json!({ "last_event_id": last_event_id }),
+        "{caller}"
+    );
+    assert!(
+        !gap.last_event_id.is_empty() && gap.last_event_id != last_event_id,
+        "{caller}: the gap names the current position: {gap:?}"
+    );
+    gap.last_event_id
+}
+
+/// Opens a stream in `channels` and publishes `data` to the first of them; returns the stream and
+/// the id it got for that event: its position.
+async fn open_and_take_position(
+    gw: &Gateway,
+    backend: &mut Backend,
+    channels: &[&str],
+    data: &str,
+) -> (SseStream, String) {
+    let mut stream = open(gw, backend, channels, None).await;
+    publish_to(gw, channels[0], data).await;
+    let position = stream.next_event(SOON).await.last_event_id;
+    (stream, position)
+}
+
+/// [`open_and_take_position`], and then the page leaves (its disconnect callback heard); returns
+/// its position.
+async fn position_before_leaving(
+    gw: &Gateway,
+    backend: &mut Backend,
+    channels: &[&str],
+    data: &str,
+) -> String {
+    let (first, position) = open_and_take_position(gw, backend, channels, data).await;
+    leave(backend, first).await;
+    position
+}
+
+/// A gateway with `HISTORY_SIZE=2`, a watcher in `a` that stays, and a page in `a` that got "0"
+/// and left before "1" to "5" were published: its position is older than what is kept. Returns
+/// the backend, the gateway, the watcher (all six events still to be read) and that position.
+async fn a_page_older_than_what_is_kept() -> (Backend, Gateway, SseStream, String) {
+    let mut backend = Backend::start().await;
+    let gw = history_gateway(&backend, "2").await;
+    let watcher = open(&gw, &mut backend, &["a"], None).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a"], "0").await;
+    for i in 1..=5 {
+        publish_to(&gw, "a", &i.to_string()).await;
+    }
+    (backend, gw, watcher, position)
+}
+
+/// A stream in `channels` coming back from `last`, which must get the gap event first and then
+/// nothing within [`QUIET`]; returns it and the gap's id.
+#[track_caller]
+fn resume_to_a_gap<'a>(
+    gw: &'a Gateway,
+    backend: &'a mut Backend,
+    channels: &'a [&'a str],
+    last: &'a str,
+) -> impl std::future::Future<Output = (SseStream, String)> + 'a {
+    let caller = Location::caller();
     async move {
-        let gap = stream.next_event(SOON).await;
-        assert_eq!(gap.event, "gateway.gap", "{caller}: {gap:?}");
-        assert_eq!(
-            serde_json::from_str::<Value>(&gap.data)
-                .unwrap_or_else(|e| panic!("{caller}: gap data not JSON ({e}): {gap:?}")),
-            json!({ "last_event_id": last_event_id }),
-            "{caller}"
-        );
-        assert!(
-            !gap.last_event_id.is_empty() && gap.last_event_id != last_event_id,
-            "{caller}: the gap names the current position: {gap:?}"
-        );
-        gap.last_event_id
+        let mut stream = open(gw, backend, channels, Some(last)).await;
+        let gap_id = gap_at(&mut stream, last, caller).await;
+        no_event_within(&mut stream, QUIET).await;
+        (stream, gap_id)
+    }
+}
+
+/// A stream in `channels` coming back from `last`, which must get exactly the events with data
+/// `want` replayed, in that order, and then nothing within [`QUIET`]; returns it.
+#[track_caller]
+fn resume_exactly<'a>(
+    gw: &'a Gateway,
+    backend: &'a mut Backend,
+    channels: &'a [&'a str],
+    last: &'a str,
+    want: &'a [&'a str],
+) -> impl std::future::Future<Output = SseStream> + 'a {
+    let caller = Location::caller();
+    async move {
+        let mut stream = open(gw, backend, channels, Some(last)).await;
+        let replayed = data_of_next(&mut stream, want.len()).await;
+        assert_eq!(replayed, want, "{caller}: the replay from {last}");
+        no_event_within(&mut stream, QUIET).await;
+        stream
     }
 }
 
@@ -250,14 +327,7 @@ impl Publisher {
                 while n < due {
                     let channel = &channels[n as usize % channels.len()];
                     let body = json!({"channel": channel, "event": {"data": n.to_string()}});
-                    let r = conn
-                        .request(
-                            "POST",
-                            "/internal/publish",
-                            &[("Content-Type", b"application/json")],
-                            Some(&serde_json::to_vec(&body).unwrap()),
-                        )
-                        .await;
+                    let r = conn.post_json("/internal/publish", &body).await;
                     assert_eq!(r.status(), 200, "publish {n}: {}", r.text());
                     n += 1;
                     c.store(n, Ordering::SeqCst);
@@ -383,11 +453,7 @@ async fn a_stream_in_three_channels_resumes_exactly_in_publish_order() {
     publish(&gw, json!({"channels": ["a", "c"], "event": {"data": "4"}})).await;
     publish(&gw, json!({"channel": "other", "event": {"data": "x"}})).await;
     publish(&gw, json!({"channel": "c", "event": {"data": "5"}})).await;
-    let mut again = open(&gw, &mut backend, &channels, Some(&position)).await;
-    for want in ["3", "4", "5"] {
-        assert_eq!(again.next_event(SOON).await.data, want);
-    }
-    no_event_within(&mut again, QUIET).await;
+    let mut again = resume_exactly(&gw, &mut backend, &channels, &position, &["3", "4", "5"]).await;
     publish(&gw, json!({"channel": "a", "event": {"data": "6"}})).await;
     assert_eq!(again.next_event(SOON).await.data, "6");
     let m = gw.metrics().await;
@@ -493,35 +559,22 @@ async fn an_unknown_position_gets_the_gap_event_first_then_live_events() {
 
 #[tokio::test]
 async fn a_position_older_than_what_is_kept_is_a_gap_and_the_gaps_id_resumes_exactly() {
-    let mut backend = Backend::start().await;
-    let gw = history_gateway(&backend, "2").await;
-    let mut watcher = open(&gw, &mut backend, &["a"], None).await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
-    for i in 1..=5 {
-        publish_to(&gw, "a", &i.to_string()).await;
-    }
+    let (mut backend, gw, mut watcher, position) = a_page_older_than_what_is_kept().await;
     assert_eq!(
         data_of_next(&mut watcher, 6).await,
         ["0", "1", "2", "3", "4", "5"]
     );
-    let mut again = open(&gw, &mut backend, &["a"], Some(&position)).await;
-    // Its id is opaque; that it names the current position shows below: a resume from it gets
-    // exactly what was published after it (from any earlier position, HISTORY_SIZE=2 has
-    // dropped something: a gap again).
-    let gap_id = expect_gap(&mut again, &position).await;
-    // Nothing of the kept events follows the gap: they are before its id.
-    no_event_within(&mut again, QUIET).await;
+    // The gap's id is opaque; that it names the current position shows below: a resume from it
+    // gets exactly what was published after it (from any earlier position, HISTORY_SIZE=2 has
+    // dropped something: a gap again). Nothing of the kept events follows the gap: they are
+    // before its id.
+    let (mut again, gap_id) = resume_to_a_gap(&gw, &mut backend, &["a"], &position).await;
     publish_to(&gw, "a", "6").await;
     assert_eq!(again.next_event(SOON).await.data, "6");
     leave(&mut backend, again).await;
     publish_to(&gw, "a", "7").await;
     // From the gap's id: the two events after it, once each.
-    let mut resumed = open(&gw, &mut backend, &["a"], Some(&gap_id)).await;
-    assert_eq!(data_of_next(&mut resumed, 2).await, ["6", "7"]);
-    no_event_within(&mut resumed, QUIET).await;
+    let _resumed = resume_exactly(&gw, &mut backend, &["a"], &gap_id, &["6", "7"]).await;
     let m = gw.metrics().await;
     assert_eq!(resumes(&m), (1.0, 1.0));
 }
@@ -530,22 +583,15 @@ async fn a_position_older_than_what_is_kept_is_a_gap_and_the_gaps_id_resumes_exa
 async fn a_drop_in_any_one_of_the_streams_channels_is_a_gap() {
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "2").await;
-    let mut first = open(&gw, &mut backend, &["a", "b"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a", "b"], "0").await;
     // `b` keeps all it got since; `a` dropped "a1".
     publish_to(&gw, "b", "b1").await;
     for i in 1..=3 {
         publish_to(&gw, "a", &format!("a{i}")).await;
     }
-    let mut again = open(&gw, &mut backend, &["a", "b"], Some(&position)).await;
-    expect_gap(&mut again, &position).await;
-    no_event_within(&mut again, QUIET).await;
+    let _again = resume_to_a_gap(&gw, &mut backend, &["a", "b"], &position).await;
     // Without `a`, nothing was dropped: exact.
-    let mut only_b = open(&gw, &mut backend, &["b"], Some(&position)).await;
-    assert_eq!(only_b.next_event(SOON).await.data, "b1");
-    no_event_within(&mut only_b, QUIET).await;
+    let _only_b = resume_exactly(&gw, &mut backend, &["b"], &position, &["b1"]).await;
     assert_eq!(resumes(&gw.metrics().await), (1.0, 1.0));
 }
 
@@ -553,9 +599,7 @@ async fn a_drop_in_any_one_of_the_streams_channels_is_a_gap() {
 async fn a_position_ahead_of_the_history_is_a_gap() {
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "100").await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
+    let (_first, position) = open_and_take_position(&gw, &mut backend, &["a"], "0").await;
     // PROTOCOL §11.1's `<epoch>-<seq>-<ms>`, with a seq not handed out yet.
     let parts: Vec<&str> = position.split('-').collect();
     assert_eq!(parts.len(), 3, "{position}");
@@ -569,31 +613,15 @@ async fn a_position_ahead_of_the_history_is_a_gap() {
     }
     assert_eq!(data_of_next(&mut again, 3).await, ["1", "2", "3"]);
     leave(&mut backend, again).await;
-    let mut resumed = open(&gw, &mut backend, &["a"], Some(&gap_id)).await;
-    assert_eq!(data_of_next(&mut resumed, 3).await, ["1", "2", "3"]);
-    no_event_within(&mut resumed, QUIET).await;
+    let _resumed = resume_exactly(&gw, &mut backend, &["a"], &gap_id, &["1", "2", "3"]).await;
     assert_eq!(resumes(&gw.metrics().await), (1.0, 1.0));
 }
 
 #[tokio::test]
 async fn the_gap_comes_first_also_when_events_are_published_during_the_connect_callback() {
-    let mut backend = Backend::start().await;
-    let gw = history_gateway(&backend, "2").await;
-    let mut watcher = open(&gw, &mut backend, &["a"], None).await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
-    for i in 1..=5 {
-        publish_to(&gw, "a", &i.to_string()).await;
-    }
-    backend.on_connect(
-        Reply::ok()
-            .body(json!({"channels": ["a"]}).to_string())
-            .delay(Duration::from_millis(500)),
-    );
-    let opening = open_later(gw.addr, &position);
-    next_connect(&mut backend).await;
+    let (mut backend, gw, mut watcher, position) = a_page_older_than_what_is_kept().await;
+    let opening =
+        open_with_slow_connect(&gw, &mut backend, &position, Duration::from_millis(500)).await;
     for d in ["d1", "d2", "d3"] {
         publish_to(&gw, "a", d).await;
     }
@@ -614,9 +642,8 @@ async fn the_gap_comes_first_also_when_events_are_published_during_the_connect_c
     );
     leave(&mut backend, again).await;
     publish_to(&gw, "a", "after2").await;
-    let mut resumed = open(&gw, &mut backend, &["a"], Some(&gap_id)).await;
-    assert_eq!(data_of_next(&mut resumed, 2).await, ["after1", "after2"]);
-    no_event_within(&mut resumed, QUIET).await;
+    let want = ["after1", "after2"];
+    let _resumed = resume_exactly(&gw, &mut backend, &["a"], &gap_id, &want).await;
     let m = gw.metrics().await;
     assert_eq!(resumes(&m), (1.0, 1.0));
 }
@@ -637,13 +664,8 @@ async fn events_published_during_the_connect_callback_arrive_once_in_order_after
     for i in 3..6 {
         publish_to(&gw, "a", &i.to_string()).await;
     }
-    backend.on_connect(
-        Reply::ok()
-            .body(json!({"channels": ["a"]}).to_string())
-            .delay(Duration::from_millis(300)),
-    );
-    let opening = open_later(gw.addr, &position);
-    next_connect(&mut backend).await;
+    let opening =
+        open_with_slow_connect(&gw, &mut backend, &position, Duration::from_millis(300)).await;
     // From the callback's arrival until well after the stream is open, one event per ms or so:
     // some before the join, maybe some between the join and the replay, the rest live.
     let publisher = Publisher::start(gw.control_addr(), &["a"], 6, 1000, 100_000);
@@ -673,16 +695,8 @@ async fn events_published_during_the_connect_callback_arrive_once_in_order_after
 #[tokio::test]
 async fn events_expired_by_the_ttl_are_a_gap() {
     let mut backend = Backend::start().await;
-    let gw = Gateway::builder()
-        .callback(&backend)
-        .env("HISTORY_SIZE", "100")
-        .env("HISTORY_TTL_SECONDS", "1")
-        .spawn()
-        .await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let gw = history_gateway_with(&backend, "100", &[("HISTORY_TTL_SECONDS", "1")]).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a"], "0").await;
     publish_to(&gw, "a", "1").await;
     publish_to(&gw, "a", "2").await;
     let m = gw.metrics().await;
@@ -695,9 +709,7 @@ async fn events_expired_by_the_ttl_are_a_gap() {
         m.get("sse_gateway_history_bytes", &[]) == Some(0.0)
     })
     .await;
-    let mut again = open(&gw, &mut backend, &["a"], Some(&position)).await;
-    let gap_id = expect_gap(&mut again, &position).await;
-    no_event_within(&mut again, QUIET).await;
+    let (mut again, gap_id) = resume_to_a_gap(&gw, &mut backend, &["a"], &position).await;
     publish_to(&gw, "a", "3").await;
     let live = again.next_event(SOON).await;
     assert_eq!(live.data, "3");
@@ -710,12 +722,9 @@ async fn events_expired_by_the_ttl_are_a_gap() {
 async fn a_recent_position_in_a_channel_that_kept_nothing_resumes_completely_with_nothing() {
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "100").await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
+    let (_first, position) = open_and_take_position(&gw, &mut backend, &["a"], "0").await;
     // A page whose connect now names a channel nobody ever published to.
-    let mut other = open(&gw, &mut backend, &["never"], Some(&position)).await;
-    no_event_within(&mut other, QUIET).await;
+    let mut other = resume_exactly(&gw, &mut backend, &["never"], &position, &[]).await;
     publish_to(&gw, "never", "first").await;
     assert_eq!(other.next_event(SOON).await.data, "first");
     let m = gw.metrics().await;
@@ -731,16 +740,16 @@ fn kilobyte(i: usize) -> String {
 async fn history_max_bytes_holds_under_ten_thousand_channels() {
     const MAX: f64 = 1_048_576.0;
     let mut backend = Backend::start().await;
-    let gw = Gateway::builder()
-        .callback(&backend)
-        .env("HISTORY_SIZE", "100")
-        .env("HISTORY_MAX_BYTES", "1048576")
-        .env("MAX_SEND_BYTES", "4194304")
-        .spawn()
-        .await;
-    let mut probe = open(&gw, &mut backend, &["probe"], None).await;
-    publish_to(&gw, "probe", "before").await;
-    let before = probe.next_event(SOON).await.last_event_id;
+    let gw = history_gateway_with(
+        &backend,
+        "100",
+        &[
+            ("HISTORY_MAX_BYTES", "1048576"),
+            ("MAX_SEND_BYTES", "4194304"),
+        ],
+    )
+    .await;
+    let (mut probe, before) = open_and_take_position(&gw, &mut backend, &["probe"], "before").await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
@@ -790,17 +799,12 @@ async fn history_max_bytes_holds_under_ten_thousand_channels() {
     let after = probe.next_event(SOON).await.last_event_id;
 
     // The newest channel is kept: exact resume from before all of them.
-    let mut newest = open(&gw, &mut backend, &["c9999"], Some(&before)).await;
-    let e = newest.next_event(SOON).await;
-    assert_eq!(e.data, kilobyte(9999));
-    no_event_within(&mut newest, QUIET).await;
+    let newest_data = kilobyte(9999);
+    let _newest = resume_exactly(&gw, &mut backend, &["c9999"], &before, &[&newest_data]).await;
     // The oldest was forgotten by the byte bound: a gap.
-    let mut oldest = open(&gw, &mut backend, &["c0"], Some(&before)).await;
-    expect_gap(&mut oldest, &before).await;
-    no_event_within(&mut oldest, QUIET).await;
+    let _oldest = resume_to_a_gap(&gw, &mut backend, &["c0"], &before).await;
     // From a position after everything the bound forgot, nothing is missing.
-    let mut later = open(&gw, &mut backend, &["c0"], Some(&after)).await;
-    no_event_within(&mut later, QUIET).await;
+    let _later = resume_exactly(&gw, &mut backend, &["c0"], &after, &[]).await;
     let m = gw.metrics().await;
     assert_eq!(resumes(&m), (2.0, 1.0));
 }
@@ -854,10 +858,7 @@ async fn history_settings_take_their_bounds_and_nothing_past_them() {
 async fn the_reconnects_connect_answer_decides_what_is_replayed() {
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "100").await;
-    let mut first = open(&gw, &mut backend, &["a", "secret"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a", "secret"], "0").await;
     publish_to(&gw, "secret", "s1").await;
     publish_to(&gw, "a", "a1").await;
     publish(
@@ -867,9 +868,7 @@ async fn the_reconnects_connect_answer_decides_what_is_replayed() {
     .await;
     publish_to(&gw, "secret", "s2").await;
     // The backend took `secret` away.
-    let mut again = open(&gw, &mut backend, &["a"], Some(&position)).await;
-    assert_eq!(data_of_next(&mut again, 2).await, ["a1", "both"]);
-    no_event_within(&mut again, QUIET).await;
+    let mut again = resume_exactly(&gw, &mut backend, &["a"], &position, &["a1", "both"]).await;
     assert_eq!(publish_to(&gw, "secret", "s3").await, 0);
     publish_to(&gw, "a", "a2").await;
     assert_eq!(again.next_event(SOON).await.data, "a2");
@@ -989,10 +988,7 @@ async fn with_history_off_last_event_id_only_reaches_the_backend() {
 async fn the_last_event_id_query_parameter_resumes_and_the_header_wins_over_it() {
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "100").await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a"], "0").await;
     publish_to(&gw, "a", "1").await;
     assert!(position.contains('-'), "{position}");
     let encoded = position.replace('-', "%2D");
@@ -1080,9 +1076,7 @@ async fn per_token_sends_keep_the_position_without_an_id_and_make_a_gap_with_one
     no_event_within(&mut third, QUIET).await;
     leave(&mut backend, third).await;
     publish_to(&gw, "a", "3").await;
-    let mut fourth = open(&gw, &mut backend, &["a"], Some(&gap_id)).await;
-    assert_eq!(fourth.next_event(SOON).await.data, "3");
-    no_event_within(&mut fourth, QUIET).await;
+    let _fourth = resume_exactly(&gw, &mut backend, &["a"], &gap_id, &["3"]).await;
     assert_eq!(resumes(&gw.metrics().await), (2.0, 1.0));
 }
 
@@ -1098,11 +1092,7 @@ async fn a_new_stream_in_channels_starts_with_its_position_and_resumes_from_it_b
     publish_to(&gw, "a", "1").await;
     publish_to(&gw, "b", "elsewhere").await;
     publish_to(&gw, "a", "2").await;
-    let mut again = open(&gw, &mut backend, &["a"], Some(&position)).await;
-    let replayed = next_events(&mut again, 2).await;
-    let data: Vec<&str> = replayed.iter().map(|e| e.data.as_str()).collect();
-    assert_eq!(data, ["1", "2"]);
-    no_event_within(&mut again, QUIET).await;
+    let again = resume_exactly(&gw, &mut backend, &["a"], &position, &["1", "2"]).await;
     // A resumed stream gets no position block of its own: it starts with the replay.
     assert!(
         String::from_utf8_lossy(&again.payload).starts_with("id: ")
@@ -1117,9 +1107,7 @@ async fn a_new_stream_in_channels_starts_with_its_position_and_resumes_from_it_b
     no_event_within(&mut second, QUIET).await;
     leave(&mut backend, second).await;
     publish_to(&gw, "a", "3").await;
-    let mut third = open(&gw, &mut backend, &["a"], Some(&next)).await;
-    assert_eq!(third.next_event(SOON).await.data, "3");
-    no_event_within(&mut third, QUIET).await;
+    let _third = resume_exactly(&gw, &mut backend, &["a"], &next, &["3"]).await;
     assert_eq!(resumes(&gw.metrics().await), (2.0, 0.0));
 }
 
@@ -1194,14 +1182,7 @@ async fn a_publish_that_counts_a_new_stream_reaches_it() {
                 let attempt = current.load(Ordering::SeqCst);
                 let body =
                     json!({"channel": format!("c{attempt}"), "event": {"data": n.to_string()}});
-                let r = conn
-                    .request(
-                        "POST",
-                        "/internal/publish",
-                        &[("Content-Type", b"application/json")],
-                        Some(&serde_json::to_vec(&body).unwrap()),
-                    )
-                    .await;
+                let r = conn.post_json("/internal/publish", &body).await;
                 assert_eq!(r.status(), 200, "{}", r.text());
                 log.push((n, attempt, r.json()["delivered"].as_u64().unwrap()));
                 n += 1;
@@ -1256,9 +1237,7 @@ async fn a_stream_whose_connect_names_no_channel_ignores_its_position() {
     for answer in ["", "{}", r#"{"channels":[]}"#] {
         for last in [Some("nonsense"), None] {
             backend.on_connect(Reply::ok().body(answer));
-            let headers: Vec<(&str, &[u8])> = last
-                .map(|id| vec![("Last-Event-ID", id.as_bytes())])
-                .unwrap_or_default();
+            let headers = last_event_id_header(last);
             let mut stream = open_stream_with(gw.addr, "/s", &headers, None)
                 .await
                 .unwrap_or_else(|r| panic!("refused: {} {}", r.status(), r.text()));
@@ -1296,9 +1275,7 @@ async fn a_stream_whose_connect_names_no_channel_ignores_its_position() {
 async fn a_position_from_before_a_restart_is_a_gap() {
     let mut backend = Backend::start().await;
     let earlier = history_gateway(&backend, "100").await;
-    let mut first = open(&earlier, &mut backend, &["a"], None).await;
-    publish_to(&earlier, "a", "old").await;
-    let position = first.next_event(SOON).await.last_event_id;
+    let (first, position) = open_and_take_position(&earlier, &mut backend, &["a"], "old").await;
     drop(first);
     // Killed: its streams are gone without callbacks, its history with it.
     drop(earlier);
@@ -1308,9 +1285,7 @@ async fn a_position_from_before_a_restart_is_a_gap() {
     for i in 0..3 {
         publish_to(&gw, "a", &format!("new{i}")).await;
     }
-    let mut again = open(&gw, &mut backend, &["a"], Some(&position)).await;
-    expect_gap(&mut again, &position).await;
-    no_event_within(&mut again, QUIET).await;
+    let (mut again, _) = resume_to_a_gap(&gw, &mut backend, &["a"], &position).await;
     publish_to(&gw, "a", "live").await;
     assert_eq!(again.next_event(SOON).await.data, "live");
     assert_eq!(resumes(&gw.metrics().await), (0.0, 1.0));
@@ -1319,17 +1294,9 @@ async fn a_position_from_before_a_restart_is_a_gap() {
 #[tokio::test]
 async fn a_replay_larger_than_the_queue_bound_is_a_gap_not_an_overflow() {
     let mut backend = Backend::start().await;
-    let gw = Gateway::builder()
-        .callback(&backend)
-        .env("HISTORY_SIZE", "100")
-        .env("MAX_QUEUE_BYTES", "16384")
-        .spawn()
-        .await;
+    let gw = history_gateway_with(&backend, "100", &[("MAX_QUEUE_BYTES", "16384")]).await;
     let big = |i: usize| format!("{i}:{}", "y".repeat(4000));
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a"], "0").await;
     // About 12 KB missed: fits, an exact resume.
     for i in 1..=3 {
         publish_to(&gw, "a", &big(i)).await;
@@ -1345,9 +1312,7 @@ async fn a_replay_larger_than_the_queue_bound_is_a_gap_not_an_overflow() {
     for i in 4..=9 {
         publish_to(&gw, "a", &big(i)).await;
     }
-    let mut too_much = open(&gw, &mut backend, &["a"], Some(&through)).await;
-    let gap_id = expect_gap(&mut too_much, &through).await;
-    no_event_within(&mut too_much, QUIET).await;
+    let (mut too_much, gap_id) = resume_to_a_gap(&gw, &mut backend, &["a"], &through).await;
     publish_to(&gw, "a", "live").await;
     assert_eq!(too_much.next_event(SOON).await.data, "live");
     assert_eq!(too_much.ended(), None, "the stream stays open");
@@ -1360,9 +1325,7 @@ async fn a_replay_larger_than_the_queue_bound_is_a_gap_not_an_overflow() {
     assert_eq!(resumes(&m), (1.0, 1.0));
     // The gap's id resumes what followed it.
     leave(&mut backend, too_much).await;
-    let mut after = open(&gw, &mut backend, &["a"], Some(&gap_id)).await;
-    assert_eq!(after.next_event(SOON).await.data, "live");
-    no_event_within(&mut after, QUIET).await;
+    let _after = resume_exactly(&gw, &mut backend, &["a"], &gap_id, &["live"]).await;
 }
 
 /// A stream resuming while publishes with `close: true` reach its channel: whichever comes first,
@@ -1375,10 +1338,7 @@ async fn a_closing_publish_racing_a_resume_never_makes_the_stream_skip_its_repla
     const MAX_CLOSES: u64 = 7000;
     let mut backend = Backend::start().await;
     let gw = history_gateway(&backend, "10000").await;
-    let mut first = open(&gw, &mut backend, &["a"], None).await;
-    publish_to(&gw, "a", "p0").await;
-    let position = first.next_event(SOON).await.last_event_id;
-    leave(&mut backend, first).await;
+    let position = position_before_leaving(&gw, &mut backend, &["a"], "p0").await;
     // A replay of some length: its snapshot and merge take a moment.
     for b in 0..PRE / 1000 {
         let items: Vec<Value> = (b * 1000..(b + 1) * 1000)
@@ -1401,14 +1361,7 @@ async fn a_closing_publish_racing_a_resume_never_makes_the_stream_skip_its_repla
             while !stop.load(Ordering::SeqCst) && n < MAX_CLOSES {
                 let body =
                     json!({"channel": "a", "event": {"data": format!("close-{n}")}, "close": true});
-                let r = conn
-                    .request(
-                        "POST",
-                        "/internal/publish",
-                        &[("Content-Type", b"application/json")],
-                        Some(&serde_json::to_vec(&body).unwrap()),
-                    )
-                    .await;
+                let r = conn.post_json("/internal/publish", &body).await;
                 assert_eq!(r.status(), 200, "{}", r.text());
                 n += 1;
             }

@@ -287,15 +287,7 @@ impl Sender {
     }
 
     pub async fn post(&mut self, path: &str, body: &Value) -> Response {
-        let bytes = serde_json::to_vec(body).unwrap();
-        self.conn
-            .request(
-                "POST",
-                path,
-                &[("Content-Type", b"application/json")],
-                Some(&bytes),
-            )
-            .await
+        self.conn.post_json(path, body).await
     }
 }
 

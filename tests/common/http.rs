@@ -11,6 +11,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout, Instant};
 
 use super::sse::{Event, Item, Parser};
+use super::SOON;
 
 /// Upper bound for any single request/response exchange in the tests.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -389,6 +390,18 @@ impl HttpConn {
             .await
             .unwrap_or_else(|e| panic!("{method} {target} on {}: {e}", self.addr))
     }
+
+    /// `POST target` with `body` as JSON on this (keep-alive) connection.
+    pub async fn post_json(&mut self, target: &str, body: &Value) -> Response {
+        let bytes = serde_json::to_vec(body).unwrap();
+        self.request(
+            "POST",
+            target,
+            &[("Content-Type", b"application/json")],
+            Some(&bytes),
+        )
+        .await
+    }
 }
 
 /// One request on a fresh connection that asks to be closed afterwards.
@@ -464,6 +477,12 @@ impl SseStream {
 /// for any other status.
 pub async fn open_stream(addr: SocketAddr, target: &str) -> Result<SseStream, Response> {
     open_stream_with(addr, target, &[], None).await
+}
+
+/// The request headers of a page coming back with `last` (if any) as its `Last-Event-ID`.
+pub fn last_event_id_header(last: Option<&str>) -> Vec<(&'static str, &[u8])> {
+    last.map(|id| vec![("Last-Event-ID", id.as_bytes())])
+        .unwrap_or_default()
 }
 
 /// As [`open_stream`], with extra request headers and optionally a pre-configured socket
@@ -660,5 +679,35 @@ impl SseStream {
     pub fn reset(self) {
         let _ = self.conn.sock.set_zero_linger();
         drop(self);
+    }
+}
+
+/// The next `n` events (heartbeats skipped), each within [`SOON`].
+pub async fn next_events(stream: &mut SseStream, n: usize) -> Vec<Event> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(stream.next_event(SOON).await);
+    }
+    out
+}
+
+/// The data of the next `n` events, each within [`SOON`].
+pub async fn data_of_next(stream: &mut SseStream, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(stream.next_event(SOON).await.data);
+    }
+    out
+}
+
+/// Waits until `quiet` passes with nothing arriving (a heartbeat starts the wait again) or the
+/// stream ends; panics on an event.
+pub async fn no_event_within(stream: &mut SseStream, quiet: Duration) {
+    loop {
+        match stream.next_item(quiet).await {
+            Ok(Item::Comment(_)) => continue,
+            Ok(Item::Event(e)) => panic!("unexpected event {e:?}"),
+            Err(_) => return,
+        }
     }
 }

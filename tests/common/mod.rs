@@ -32,7 +32,10 @@ use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 
 pub use backend::{down_url, Backend, Callback, Reply};
-pub use http::{End, HttpConn, NoItem, Response, SseStream};
+pub use http::{
+    data_of_next, last_event_id_header, next_events, no_event_within, End, HttpConn, NoItem,
+    Response, SseStream,
+};
 pub use redis::Redis;
 pub use sse::{Event, Item};
 
