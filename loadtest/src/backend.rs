@@ -31,6 +31,8 @@ pub struct Backend {
     reg: Mutex<Registry>,
     /// The body of every 2xx connect answer: `{}` or `{"channels":[..]}` for `--publish`.
     connect_answer: String,
+    /// `resume`: channels chosen per stream instead (see `with_plan`).
+    plan: Option<Plan>,
     /// Delay before answering a connect callback.
     connect_delay: Duration,
     /// `soak`: every callback (connect and disconnect) is answered after a delay drawn from this
@@ -87,6 +89,35 @@ impl Audit {
     }
 }
 
+/// Per-stream channels for the connect answer (`resume`).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub prefix: String,
+    pub count: usize,
+    /// Every stream in every channel; else stream `c` in channel `c % count` only.
+    pub all: bool,
+}
+
+impl Plan {
+    /// The channel names stream `client` is put in.
+    pub fn channels(&self, client: u64) -> Vec<String> {
+        let n = self.count.max(1);
+        if self.all {
+            (0..n).map(|k| self.name(k)).collect()
+        } else {
+            vec![self.name(client as usize % n)]
+        }
+    }
+
+    pub fn name(&self, k: usize) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    fn answer(&self, client: u64) -> String {
+        json!({ "channels": self.channels(client) }).to_string()
+    }
+}
+
 fn is_connect(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body).is_ok_and(|v| v["action"] == "connect")
 }
@@ -109,6 +140,7 @@ impl Backend {
         Arc::new(Backend {
             reg: Mutex::new(Registry::default()),
             connect_answer,
+            plan: None,
             connect_delay,
             slow: None,
             draws: AtomicU64::new(0),
@@ -123,6 +155,14 @@ impl Backend {
     pub fn slow(channels: Option<&str>, min: Duration, max: Duration) -> Arc<Self> {
         let mut b = Arc::into_inner(Backend::new(channels, Duration::ZERO)).expect("just built");
         b.slow = Some((min, max.max(min)));
+        Arc::new(b)
+    }
+
+    /// A backend double whose connect answer puts each stream in channels `<prefix>0` ..
+    /// `<prefix>{count-1}`: all of them, or only `<prefix>{c % count}` for the stream `?c=<c>`.
+    pub fn with_plan(self: Arc<Self>, plan: Plan) -> Arc<Self> {
+        let mut b = Arc::into_inner(self).expect("not shared yet");
+        b.plan = Some(plan);
         Arc::new(b)
     }
 
@@ -181,11 +221,15 @@ impl Backend {
         match v["action"].as_str() {
             Some("connect") => {
                 self.connects.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = client_id(url) {
+                let client = client_id(url);
+                if let Some(c) = client {
                     reg.by_client.insert(c, token.clone());
                 }
                 reg.tokens.entry(token).or_default();
-                (200, self.connect_answer.clone())
+                match &self.plan {
+                    Some(plan) => (200, plan.answer(client.unwrap_or(0))),
+                    None => (200, self.connect_answer.clone()),
+                }
             }
             Some("disconnect") => {
                 self.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -264,6 +308,19 @@ mod tests {
         assert_eq!(client_id("/s?x=1&c=7&y=2"), Some(7));
         assert_eq!(client_id("/s?cc=7"), None);
         assert_eq!(client_id("/s"), None);
+    }
+
+    #[test]
+    fn plans() {
+        let all = Plan {
+            prefix: "h".into(),
+            count: 3,
+            all: true,
+        };
+        assert_eq!(all.channels(7), ["h0", "h1", "h2"]);
+        assert_eq!(all.answer(1), r#"{"channels":["h0","h1","h2"]}"#);
+        let one = Plan { all: false, ..all };
+        assert_eq!(one.channels(7), ["h1"]);
     }
 
     #[test]

@@ -113,6 +113,13 @@ pub struct Common {
     pub join_channel: Option<String>,
 }
 
+/// How `resume` puts streams in its channels.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    All,
+    One,
+}
+
 /// The kind of server under test.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetKind {
@@ -249,6 +256,72 @@ pub enum Scenario {
         #[arg(long, default_value_t = 60.0)]
         report_every: f64,
     },
+    /// Reconnect storm with Last-Event-ID (PROTOCOL §11): streams in channels see some events, all
+    /// drop, events are published while they are away, then all reconnect within --spread-ms with
+    /// the id they last saw. Time until every stream is live again, events lost or received
+    /// twice, gateway CPU per replayed event. Needs history on (--gateway-env HISTORY_SIZE=100).
+    Resume {
+        /// Streams (they all drop and come back).
+        #[arg(short = 'n', long, default_value_t = 10_000)]
+        streams: usize,
+        /// Channels `h0` .. `h{N-1}`.
+        #[arg(long, default_value_t = 10)]
+        channels: usize,
+        /// `all`: every stream in every channel, events round-robin over the channels, one global
+        /// number; `one`: stream c in channel c % channels only, every channel gets each number.
+        #[arg(long, value_enum, default_value_t = Join::All)]
+        join: Join,
+        /// Events every stream sees live before the drop.
+        #[arg(long, default_value_t = 10)]
+        before: u64,
+        /// Events every stream misses while away (published after the drop, replayed on resume).
+        #[arg(long, default_value_t = 50)]
+        missed: u64,
+        /// The reconnects start evenly spread over this many ms.
+        #[arg(long, default_value_t = 1000)]
+        spread_ms: u64,
+        /// Reconnects in flight at once (0: no bound but the spread).
+        #[arg(long, default_value_t = 0)]
+        reconnect_concurrency: usize,
+        /// Reconnect without Last-Event-ID: the storm without the replay, for comparison.
+        #[arg(long)]
+        without_id: bool,
+        /// Also publish one event every this many ms while the streams reconnect (0 = none): they
+        /// race each stream's join and replay, and must still arrive exactly once.
+        #[arg(long, default_value_t = 0)]
+        publish_during_ms: u64,
+        /// Deadline, seconds, for the storm (all streams back and live) and for the live phase.
+        #[arg(long, default_value_t = 60)]
+        storm_timeout: u64,
+    },
+    /// Memory of the channel history (PROTOCOL §11): one event to each of --channels distinct
+    /// channels through /internal/batch, no streams; sse_gateway_history_bytes against
+    /// HISTORY_MAX_BYTES, and the gateway's Pss/RSS before and after. Needs HISTORY_SIZE > 0.
+    HistoryMemory {
+        /// Distinct channels `m0` .. published to, one event each per pass.
+        #[arg(long, default_value_t = 100_000)]
+        channels: usize,
+        /// Bytes of each event's data.
+        #[arg(long, default_value_t = 1024)]
+        event_bytes: usize,
+        /// Publishes per /internal/batch (also capped by MAX_BATCH_ITEMS and MAX_SEND_BYTES from
+        /// --gateway-env, else their defaults 1000 and 1 MiB).
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Times over all the channels.
+        #[arg(long, default_value_t = 1)]
+        passes: u32,
+        /// Memory samples while publishing.
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        /// Seconds to wait before the first and after the last sample.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// Then wait up to this many seconds for the history to expire (set HISTORY_TTL_SECONDS
+        /// short) and sample once more; 0 = don't.
+        #[arg(long, default_value_t = 0.0)]
+        expire_wait: f64,
+    },
     /// Hold streams open with a control port (GET /tokens, GET /stats) for external senders (k6).
     Hold {
         /// Streams to hold.
@@ -272,6 +345,8 @@ impl Scenario {
             Scenario::ConnectRate { .. } => "connect-rate",
             Scenario::Idle { .. } => "idle",
             Scenario::Hold { .. } => "hold",
+            Scenario::Resume { .. } => "resume",
+            Scenario::HistoryMemory { .. } => "history-memory",
             Scenario::Soak { .. } => "soak",
         }
     }

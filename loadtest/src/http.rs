@@ -191,16 +191,22 @@ pub enum SseItem<'a> {
     Event(&'a [u8]),
     /// A comment line's text after the `:`.
     Comment(&'a [u8]),
+    /// The block being dispatched set the last event id (an `id:` line): the value a browser
+    /// would send back as `Last-Event-ID`. With `data` true it comes right before that block's
+    /// `Event`; false: an id-only block (no event is dispatched, the id still counts).
+    Id { id: &'a [u8], data: bool },
 }
 
 /// Incremental SSE parser: lines end in `\n` (a preceding `\r` is dropped), `data:` lines accumulate,
-/// an empty line dispatches. `event:`, `id:` and `retry:` are read past: the counts and the payload
-/// are all a load test needs.
+/// an empty line dispatches. `id:` is reported at dispatch (as a browser updates `lastEventId`);
+/// `event:` and `retry:` are read past: the counts, the ids and the payload are all a load test needs.
 #[derive(Default)]
 pub struct SseParser {
     line: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
+    id: Vec<u8>,
+    has_id: bool,
 }
 
 /// A line longer than this is a broken stream, not an event to buffer (the gateway's own send limit is
@@ -242,6 +248,14 @@ impl SseParser {
     fn line_done(&mut self, line: &[u8], on: &mut impl FnMut(SseItem<'_>)) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
+            if self.has_id {
+                // The spec sets the last event id at dispatch even for an event without data.
+                on(SseItem::Id {
+                    id: &self.id,
+                    data: self.has_data,
+                });
+                self.has_id = false;
+            }
             if self.has_data {
                 on(SseItem::Event(&self.data));
                 self.data.clear();
@@ -260,6 +274,17 @@ impl SseParser {
             }
             self.data.extend_from_slice(d);
             self.has_data = true;
+        } else if let Some(v) = line.strip_prefix(b"id") {
+            let v = match v {
+                [b':', b' ', rest @ ..] | [b':', rest @ ..] => rest,
+                [] => v,
+                _ => return, // e.g. "idx"
+            };
+            if !v.contains(&0) {
+                self.id.clear();
+                self.id.extend_from_slice(v);
+                self.has_id = true;
+            }
         }
     }
 }
@@ -315,15 +340,48 @@ mod tests {
                     got.push(match item {
                         SseItem::Event(d) => format!("E{}", String::from_utf8_lossy(d)),
                         SseItem::Comment(c) => format!("C{}", String::from_utf8_lossy(c)),
+                        SseItem::Id { id, data } => {
+                            format!(
+                                "I{}{}",
+                                String::from_utf8_lossy(id),
+                                if data { "" } else { "!" }
+                            )
+                        }
                     })
                 })
                 .unwrap();
             }
             assert_eq!(
                 got,
-                ["C heartbeat", "E7 1000\ntwo", "E", "C x"],
+                ["C heartbeat", "I1", "E7 1000\ntwo", "E", "C x"],
                 "step {step}"
             );
+        }
+    }
+
+    #[test]
+    fn sse_ids_at_dispatch() {
+        let stream = b"id: a-1\ndata: x\n\nid: b\n\nidx: 9\nid\ndata: y\n\ndata: z\n\n";
+        for step in 1..stream.len() {
+            let mut p = SseParser::default();
+            let mut got = Vec::new();
+            for part in stream.chunks(step) {
+                p.feed(part, |item| {
+                    got.push(match item {
+                        SseItem::Event(d) => format!("E{}", String::from_utf8_lossy(d)),
+                        SseItem::Comment(c) => format!("C{}", String::from_utf8_lossy(c)),
+                        SseItem::Id { id, data } => {
+                            format!(
+                                "I{}{}",
+                                String::from_utf8_lossy(id),
+                                if data { "" } else { "!" }
+                            )
+                        }
+                    })
+                })
+                .unwrap();
+            }
+            assert_eq!(got, ["Ia-1", "Ex", "Ib!", "I", "Ey", "Ez"], "step {step}");
         }
     }
 

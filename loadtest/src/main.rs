@@ -19,7 +19,8 @@
 //! - `redis`    `--cluster`'s redis-server: start on a free port, PING, INFO counters, stop
 //! - `cluster`  `--cluster N`: Redis + N gateways, readiness, the nodes' cluster metrics
 //! - `report`   results, checks, deadlines, exit status
-//! - `scenario` density, unicast, broadcast, connect_rate, idle, hold, soak
+//! - `scenario` density, unicast, broadcast, connect_rate, idle, hold, soak, resume (reconnect
+//!   storm with `Last-Event-ID`), history_memory (`HISTORY_MAX_BYTES` against RSS)
 
 mod backend;
 mod cli;

@@ -56,6 +56,13 @@ pub struct Slot {
     pub expected: AtomicU64,
     /// The next sequence number a sender puts in this token's payload (starts at 1).
     pub next_seq: AtomicU64,
+    /// The last event id this stream dispatched (`StreamConfig::track_ids` only): what a browser
+    /// would reconnect with as `Last-Event-ID`.
+    pub last_id: Mutex<Vec<u8>>,
+    /// Open the stream with this `Last-Event-ID` header (set before the stream starts).
+    pub resume_from: OnceLock<String>,
+    /// `gateway.gap` events this stream got (PROTOCOL §11).
+    pub gap_events: AtomicU64,
 }
 
 /// Everything all streams report into.
@@ -78,6 +85,17 @@ pub struct Sink {
     pub round_last_us: AtomicU64,
     /// Failures and stream endings by kind, e.g. `status 503`, `connect: ConnectionRefused`.
     pub errors: Mutex<HashMap<String, u64>>,
+    /// Events that carried an `id:` (with history on, every published event does, PROTOCOL §11).
+    pub with_id: AtomicU64,
+    /// `gateway.gap` events (not counted as events).
+    pub gap_events: AtomicU64,
+    /// Time from connect to the response head of every stream a `Pool` opened.
+    pub heads: Mutex<Histogram>,
+    /// `resume`: a stream whose sequence reaches `resume_target` records the time since
+    /// `resume_t0_us` in `resumed_at` (once: sequences only go up). 0: off.
+    pub resume_target: AtomicU64,
+    pub resume_t0_us: AtomicU64,
+    pub resumed_at: Mutex<Histogram>,
 }
 
 impl Sink {
@@ -102,6 +120,12 @@ impl Sink {
         if data.starts_with(PROBE_DATA.as_bytes()) {
             return;
         }
+        // `event: gateway.gap` (PROTOCOL §11): its data is `{"last_event_id":...}`.
+        if data.starts_with(GAP_DATA.as_bytes()) {
+            slot.gap_events.fetch_add(1, Ordering::Relaxed);
+            self.gap_events.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.events.fetch_add(1, Ordering::Relaxed);
         slot.received.fetch_add(1, Ordering::Relaxed);
         let Some((seq, ts)) = parse_payload(data) else {
@@ -120,6 +144,14 @@ impl Sink {
                 self.gaps.fetch_add(seq - last - 1, Ordering::Relaxed);
             }
             slot.last_seq.store(seq, Ordering::Relaxed);
+            let target = self.resume_target.load(Ordering::Relaxed);
+            if target > 0 && last < target && seq >= target {
+                let t0 = self.resume_t0_us.load(Ordering::Relaxed);
+                self.resumed_at
+                    .lock()
+                    .unwrap()
+                    .record(now.saturating_sub(t0));
+            }
         }
         if seq == self.round.load(Ordering::Relaxed) {
             self.round_delivered.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +162,8 @@ impl Sink {
 
 /// The data of `broadcast --probe-rate` events, which the sink ignores.
 pub const PROBE_DATA: &str = "probe";
+/// How the data of a `gateway.gap` event starts (PROTOCOL §11); no load payload starts so.
+pub const GAP_DATA: &str = r#"{"last_event_id":"#;
 
 /// Why opening a stream failed; `Display` is the key failures are counted under.
 #[derive(Debug)]
@@ -202,14 +236,27 @@ pub async fn open(
     path: &str,
     timeout: Duration,
 ) -> Result<Opened, OpenError> {
+    open_with(client, src, dst, path, timeout, None).await
+}
+
+/// `open`, with a `Last-Event-ID` header when `last_event_id` is given (PROTOCOL §11 resume).
+pub async fn open_with(
+    client: u64,
+    src: Ipv4Addr,
+    dst: SocketAddr,
+    path: &str,
+    timeout: Duration,
+    last_event_id: Option<&str>,
+) -> Result<Opened, OpenError> {
     let t0 = Instant::now();
     let fut = async {
         let mut sock = connect_from(src, dst)
             .await
             .map_err(|e| OpenError::Connect(e.kind()))?;
         let path = path.replace("{c}", &client.to_string());
+        let resume = last_event_id.map_or(String::new(), |id| format!("Last-Event-ID: {id}\r\n"));
         let req = format!(
-            "GET {path}?c={client} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\nUser-Agent: sse-load\r\n\r\n"
+            "GET {path}?c={client} HTTP/1.1\r\nHost: {dst}\r\nAccept: text/event-stream\r\nUser-Agent: sse-load\r\n{resume}\r\n"
         );
         sock.write_all(req.as_bytes())
             .await
@@ -259,8 +306,9 @@ enum End {
     Protocol(String),
 }
 
-/// Reads an open stream until it ends, counting events and heartbeats into `slot` and `sink`.
-async fn pump(opened: Opened, slot: &Slot, sink: &Sink) -> End {
+/// Reads an open stream until it ends, counting events and heartbeats into `slot` and `sink`
+/// (and keeping the last event id in `slot` with `track_ids`).
+async fn pump(opened: Opened, slot: &Slot, sink: &Sink, track_ids: bool) -> End {
     let Opened {
         sock,
         head,
@@ -272,6 +320,16 @@ async fn pump(opened: Opened, slot: &Slot, sink: &Sink) -> End {
     let mut feed = |bytes: &[u8]| -> Result<bool, String> {
         let mut on = |item: SseItem<'_>| match item {
             SseItem::Event(data) => sink.on_event(slot, data),
+            SseItem::Id { id, data } => {
+                if data {
+                    sink.with_id.fetch_add(1, Ordering::Relaxed);
+                }
+                if track_ids {
+                    let mut last = slot.last_id.lock().unwrap();
+                    last.clear();
+                    last.extend_from_slice(id);
+                }
+            }
             SseItem::Comment(c) => {
                 if c.trim_ascii() == b"heartbeat" {
                     slot.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -332,6 +390,8 @@ pub struct StreamConfig {
     pub path: String,
     pub sources: u32,
     pub head_timeout: Duration,
+    /// Keep each stream's last event id in its `Slot::last_id` (a copy per event).
+    pub track_ids: bool,
 }
 
 /// A growing set of held streams.
@@ -375,10 +435,29 @@ impl Pool {
     /// Opens streams until `total` exist, then waits until each one is established or failed, or
     /// `deadline` passes.
     pub async fn grow(&mut self, total: usize, deadline: Duration) -> GrowResult {
+        self.grow_with(total, deadline, Duration::ZERO, |_, _| {})
+            .await
+    }
+
+    /// `grow`, with the opens spread evenly over `spread` (the k-th of m starts at `spread * k /
+    /// m`, still at most `concurrency` in flight), and `prepare(i, slot)` called on each new slot
+    /// before its stream starts (to set `resume_from` or a starting `last_seq`).
+    pub async fn grow_with(
+        &mut self,
+        total: usize,
+        deadline: Duration,
+        spread: Duration,
+        prepare: impl Fn(usize, &Slot),
+    ) -> GrowResult {
         let t0 = Instant::now();
         let first = self.slots.len();
         let open_deadline = t0 + deadline;
+        let count = total.saturating_sub(first).max(1) as u32;
         for i in first..total {
+            if !spread.is_zero() {
+                let at = t0 + spread * (i - first) as u32 / count;
+                tokio::time::sleep_until(at.into()).await;
+            }
             let permit = match tokio::time::timeout_at(
                 open_deadline.into(),
                 self.gate.clone().acquire_owned(),
@@ -393,6 +472,7 @@ impl Pool {
                 ..Slot::default()
             });
             slot.next_seq.store(1, Ordering::Relaxed);
+            prepare(i, &slot);
             self.slots.push(slot.clone());
             let task = tokio::spawn(hold_stream(
                 i as u64,
@@ -471,7 +551,8 @@ async fn hold_stream(
 ) {
     let src = source_for(client, cfg.sources);
     let dst = cfg.targets[slot.node];
-    let opened = open(client, src, dst, &cfg.path, cfg.head_timeout).await;
+    let resume = slot.resume_from.get().map(String::as_str);
+    let opened = open_with(client, src, dst, &cfg.path, cfg.head_timeout, resume).await;
     drop(permit);
     let opened = match opened {
         Ok(o) => o,
@@ -486,6 +567,10 @@ async fn hold_stream(
         }
     };
     slot.status.store(200, Ordering::Relaxed);
+    sink.heads
+        .lock()
+        .unwrap()
+        .record(opened.time_to_headers.as_micros() as u64);
     if !opened.head.event_stream {
         sink.error("200 without content-type text/event-stream");
     }
@@ -500,7 +585,7 @@ async fn hold_stream(
     }
     slot.state.store(OPEN, Ordering::Relaxed);
     sink.established.fetch_add(1, Ordering::Relaxed);
-    let end = pump(opened, &slot, &sink).await;
+    let end = pump(opened, &slot, &sink, cfg.track_ids).await;
     slot.state.store(ENDED, Ordering::Relaxed);
     sink.ended.fetch_add(1, Ordering::Relaxed);
     sink.error(match end {

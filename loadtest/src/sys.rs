@@ -66,6 +66,12 @@ pub fn rss_bytes(pid: u32) -> io::Result<u64> {
     sum_kb_field(&text, "VmRSS:").ok_or_else(|| io::Error::other("no VmRSS line in status"))
 }
 
+/// `VmHWM` of a process (its peak RSS so far), in bytes.
+pub fn hwm_bytes(pid: u32) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    sum_kb_field(&text, "VmHWM:").ok_or_else(|| io::Error::other("no VmHWM line in status"))
+}
+
 fn sum_kb_field(text: &str, key: &str) -> Option<u64> {
     let mut found = false;
     let mut total = 0u64;
@@ -105,6 +111,25 @@ pub fn tcp_stat() -> io::Result<TcpStat> {
         }
     }
     Ok(stat)
+}
+
+/// `TcpExt` `ListenOverflows` and `ListenDrops` from `/proc/net/netstat` (this network namespace,
+/// every listener): connections a full accept queue refused, which the client then retries after
+/// its SYN timeout (1 s and up).
+pub fn listen_drops() -> io::Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/netstat")?;
+    parse_listen_drops(&text).ok_or_else(|| io::Error::other("no TcpExt ListenOverflows"))
+}
+
+fn parse_listen_drops(text: &str) -> Option<(u64, u64)> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |key: &str| -> Option<u64> {
+        let i = names.iter().position(|n| *n == key)?;
+        values.get(i)?.parse().ok()
+    };
+    Some((get("ListenOverflows")?, get("ListenDrops")?))
 }
 
 /// Slab caches that grow with each TCP connection: the socket itself, its inode, its epoll entry.
@@ -236,6 +261,13 @@ mod tests {
         let text = "Rss: 10 kB\nPss: 4 kB\nPss_Anon: 3 kB\n";
         assert_eq!(sum_kb_field(text, "Pss:"), Some(4096));
         assert_eq!(sum_kb_field(text, "Nope:"), None);
+    }
+
+    #[test]
+    fn listen_drop_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: A\nIpExt: 1\n";
+        assert_eq!(parse_listen_drops(text), Some((7, 9)));
+        assert_eq!(parse_listen_drops("IpExt: A\nIpExt: 1\n"), None);
     }
 
     #[test]

@@ -325,8 +325,15 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         "delivery latency from round start: {}",
         delivery.human()
     ));
+    let with_id = sink.with_id.load(Ordering::Relaxed);
     ctx.report.line(format!(
-        "deliveries {delivered}, missing {missing_total}, out-of-order {ooo}, failed requests {send_failed}"
+        "deliveries {delivered}, missing {missing_total}, out-of-order {ooo}, failed requests {send_failed}; \
+         {with_id} carried an id{}",
+        if with_id > 0 && o.publish {
+            " (history on: the gateway's position, PROTOCOL §11)"
+        } else {
+            ""
+        }
     ));
     if let Some(c) = cpu_s {
         ctx.report.line(format!(
@@ -348,6 +355,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
             "round_time": round_times.json(), "request_phase": send_times.json(),
             "delivery_latency": delivery.json(), "delivered": delivered, "missing": missing_total,
             "out_of_order": ooo, "failed_requests": send_failed, "per_round": rows,
+            "with_id": with_id,
             "gateway_cpu_s": cpu_s.map(|c| round(c, 3)),
             "cpu_us_per_event": cpu_s.map(|c| round(c * 1e6 / delivered.max(1) as f64, 2)),
             "probe": probed.as_ref().map(|p| json!({

@@ -4,8 +4,10 @@
 mod broadcast;
 mod connect_rate;
 mod density;
+mod history_memory;
 mod hold;
 mod idle;
+mod resume;
 mod soak;
 mod unicast;
 
@@ -44,6 +46,12 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn pool(&self) -> Pool {
+        self.pool_with(false, self.common.open_concurrency)
+    }
+
+    /// A pool whose streams keep their last event id (`track_ids`), with `concurrency` opens in
+    /// flight at once.
+    pub fn pool_with(&self, track_ids: bool, concurrency: usize) -> Pool {
         Pool::new(
             self.sink.clone(),
             self.backend.clone(),
@@ -52,9 +60,40 @@ impl Ctx {
                 path: self.common.path.clone(),
                 sources: self.common.sources,
                 head_timeout: Duration::from_secs(self.common.head_timeout),
+                track_ids,
             },
-            self.common.open_concurrency,
+            concurrency,
         )
+    }
+
+    /// Node 0's metric series (`GET /metrics` on its internal listener) named `name` exactly or
+    /// `name{...}`, as (series, value); `None` when the metrics cannot be read.
+    pub async fn metric(&self, name: &str) -> Option<Vec<(String, f64)>> {
+        match self.sender_to(0).get("/metrics").await {
+            Ok((200, body)) => Some(series(&String::from_utf8_lossy(&body), name)),
+            _ => None,
+        }
+    }
+
+    /// The value of node 0's series `series` (e.g. `sse_gateway_history_bytes` or
+    /// `sse_gateway_resumes_total{result="gap"}`); `None` if absent or unreadable.
+    pub async fn metric_value(&self, series: &str) -> Option<f64> {
+        let name = series.split('{').next().unwrap_or(series);
+        self.metric(name)
+            .await?
+            .into_iter()
+            .find(|(s, _)| s == series)
+            .map(|(_, v)| v)
+    }
+
+    /// A `--gateway-env` value (the spawned gateway's setting), parsed.
+    pub fn env_value<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
+        self.common
+            .gateway_env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.parse().ok())
     }
 
     /// The nodes' public listeners, in node order.
@@ -306,6 +345,20 @@ impl Ctx {
     }
 }
 
+/// The lines of a Prometheus text `text` for metric `name` (exactly, or with labels).
+fn series(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            Some((s.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 pub async fn run(cli: Cli, nofile: u64) -> u8 {
     let common = cli.common.clone();
     let mut report = Report::default();
@@ -327,6 +380,15 @@ pub async fn run(cli: Cli, nofile: u64) -> u8 {
             Duration::from_millis(*min),
             Duration::from_millis(*max),
         ),
+        Scenario::Resume { channels, join, .. } => {
+            Backend::new(None, Duration::from_millis(common.callback_delay_ms)).with_plan(
+                crate::backend::Plan {
+                    prefix: "h".to_owned(),
+                    count: *channels,
+                    all: *join == crate::cli::Join::All,
+                },
+            )
+        }
         _ => Backend::new(channel, Duration::from_millis(common.callback_delay_ms)),
     };
     let attached = common.gateway_bin.is_none();
@@ -564,6 +626,55 @@ async fn dispatch(ctx: &mut Ctx, scenario: Scenario) {
             control,
             duration,
         } => hold::run(ctx, streams, control, duration).await,
+        Scenario::Resume {
+            streams,
+            channels,
+            join,
+            before,
+            missed,
+            spread_ms,
+            reconnect_concurrency,
+            without_id,
+            publish_during_ms,
+            storm_timeout,
+        } => {
+            let o = resume::Opts {
+                streams,
+                plan: crate::backend::Plan {
+                    prefix: "h".to_owned(),
+                    count: channels.max(1),
+                    all: join == crate::cli::Join::All,
+                },
+                before,
+                missed,
+                spread: Duration::from_millis(spread_ms),
+                reconnect_concurrency,
+                without_id,
+                publish_during: Duration::from_millis(publish_during_ms),
+                storm_timeout: Duration::from_secs(storm_timeout),
+            };
+            resume::run(ctx, o).await
+        }
+        Scenario::HistoryMemory {
+            channels,
+            event_bytes,
+            batch,
+            passes,
+            samples,
+            settle,
+            expire_wait,
+        } => {
+            let o = history_memory::Opts {
+                channels: channels.max(1),
+                event_bytes,
+                batch: batch.max(1),
+                passes: passes.max(1),
+                samples,
+                settle: Duration::from_secs_f64(settle.max(0.0)),
+                expire_wait: Duration::from_secs_f64(expire_wait.max(0.0)),
+            };
+            history_memory::run(ctx, o).await
+        }
         Scenario::Soak {
             minutes,
             streams,

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The load figures of channel history and Last-Event-ID resume (PROTOCOL §11), side by side with
+# history off, alternating, --runs times; every run's log and SUMMARY line under --out.
+# loadtest/history-table.py turns them into medians, ratios and verdicts (BENCHMARKS.md §10).
+#
+#   loadtest/history.sh [--runs 5] [--only publish18k,storm,memory] [--out DIR] [--quiet-wait S]
+#   loadtest/history.sh --quick          # smoke check: 1 run, smaller counts (~2 min)
+#
+# Scenarios (names for --only; `storm-one` and `storm-race` are extra, not in the default set):
+#   publish18k  one publish to 18k streams per round, 10 rounds: HISTORY_SIZE=0 vs HISTORY_SIZE=100;
+#               gateway CPU per delivered frame (bound: history on <= 1.2x history off)
+#   storm       10k streams, each in all 10 channels, see 10 events; all drop; 50 events are
+#               published (5 per channel) while they are away; all reconnect within 1 s with their
+#               Last-Event-ID (`resume`), against the same storm reconnecting without it
+#               (`--without-id`, nothing to replay): time until all are live, lost/duplicated, CPU
+#   storm-one   the storm with each stream in one channel (1k per channel, 50 events to each)
+#   storm-race  the storm with an event published every 20 ms while the streams reconnect
+#               (correctness: each must arrive once, by replay or live)
+#   memory      one 1 KiB event to each of 100k channels through /internal/batch, no streams:
+#               HISTORY_MAX_BYTES 16 MiB, 64 MiB (default) and 1 GiB (never reached: calibration),
+#               64 MiB with 1238 B events (frames that fill mimalloc's 1280 B class exactly), and
+#               64 MiB with HISTORY_TTL_SECONDS=5 then waiting for the expiry
+# Pinning as BENCHMARKS.md §1: the gateway on CPU 0 with WORKER_THREADS=1, sse-load on CPU 1.
+# Descriptors: 18k streams (publish18k) and 10k (storm) stay under sse-load's 19700 cap (hard
+# limit 20000 less 300 reserved). Every sse-load run is bounded (its own deadlines) and wrapped in
+# `timeout`; sse-load starts and stops the gateway itself. Loopback only.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=5
+ONLY="publish18k,storm,memory"
+QUICK=0
+QUIET_WAIT=0
+QUIET_BUSY=15
+OUT=${OUT:-/tmp/sse-history.$$}
+TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
+LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
+SERVER_CPU=0
+LOAD_CPU=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) RUNS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --quick) QUICK=1; RUNS=1; shift ;;
+    --quiet-wait) QUIET_WAIT=$2; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--only publish18k,storm,storm-one,storm-race,memory] [--out DIR] [--quick] [--quiet-wait S]" >&2; exit 2 ;;
+  esac
+done
+[ -x "$GATEWAY_BIN" ] && [ -x "$LOAD" ] || { echo "build first: cargo build --release -p sse-gateway -p sse-load" >&2; exit 2; }
+mkdir -p "$OUT"
+if [ "$QUICK" = 1 ]; then
+  PUB_N=5000; ROUNDS=3; STORM_N=2000; MEM_CHANNELS=20000
+else
+  PUB_N=18000; ROUNDS=10; STORM_N=10000; MEM_CHANNELS=100000
+fi
+{
+  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "nproc $(nproc)"
+  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "kernel $(uname -r)"
+  echo "nofile $(ulimit -Hn) somaxconn $(cat /proc/sys/net/core/somaxconn)"
+  echo "gateway $GATEWAY_BIN (built from ${GATEWAY_COMMIT:-$(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?')})"
+  echo "args runs=$RUNS only=$ONLY quick=$QUICK quiet_wait=$QUIET_WAIT"
+} > "$OUT/machine.txt"
+cat "$OUT/machine.txt"
+
+# busy_pct: share of both CPUs busy over the next second (/proc/stat), all processes.
+busy_pct() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
+  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
+  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
+  echo $(( total > 0 ? 100 - 100 * idle / total : 0 ))
+}
+
+# quiet: with --quiet-wait S, wait up to S s for a second in which the machine is at most
+# QUIET_BUSY % busy (other people's builds on a shared machine), and say what was found.
+quiet() {
+  [ "$QUIET_WAIT" -gt 0 ] || return 0
+  local t0=$SECONDS b
+  while :; do
+    b=$(busy_pct)
+    [ "$b" -le "$QUIET_BUSY" ] && { echo "   (machine ${b}% busy after $((SECONDS - t0)) s of waiting)"; return 0; }
+    [ $((SECONDS - t0)) -ge "$QUIET_WAIT" ] && { echo "   (machine still ${b}% busy after ${QUIET_WAIT} s: running anyway)"; return 0; }
+    sleep 2
+  done
+}
+
+# run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
+run() {
+  local name=$1 side=$2 n=$3; shift 4
+  local log="$OUT/$name.$side.$n.log"
+  quiet
+  local t0=$SECONDS load0
+  load0=$(cut -d' ' -f1-3 /proc/loadavg)
+  echo "loadavg before: $load0" > "$log"
+  timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" \
+    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 >> "$log" 2>&1 || true
+  echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$log"
+  echo "== $name $side run $n ($((SECONDS - t0)) s, loadavg $load0 -> $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
+  grep -E '^SUMMARY' "$log" | sed "s/^SUMMARY {/SUMMARY {\"loadavg\":\"$load0\",/" >> "$OUT/$name.$side.summaries" || true
+}
+
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+H=--gateway-env
+PUB="broadcast -n $PUB_N --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10"
+STORM="resume -n $STORM_N --channels 10 --before 10 --missed 50 --spread-ms 1000 --storm-timeout 60 $H HISTORY_SIZE=100"
+MEM="history-memory --channels $MEM_CHANNELS --batch 1000 --samples 10 $H HISTORY_SIZE=100 $H MAX_SEND_BYTES=2097152"
+for n in $(seq "$RUNS"); do
+  if want publish18k; then
+    run publish18k off "$n" -- $PUB $H HISTORY_SIZE=0
+    run publish18k on "$n" -- $PUB $H HISTORY_SIZE=100
+  fi
+  if want storm; then
+    run storm resume "$n" -- $STORM --join all
+    run storm noid "$n" -- $STORM --join all --without-id
+  fi
+  if want storm-one; then
+    run storm-one resume "$n" -- $STORM --join one
+  fi
+  if want storm-race; then
+    run storm-race resume "$n" -- $STORM --join all --publish-during-ms 20
+  fi
+  if want memory; then
+    run memory 16m "$n" -- $MEM --event-bytes 1024 $H HISTORY_MAX_BYTES=16777216
+    run memory 64m "$n" -- $MEM --event-bytes 1024
+    run memory 1g "$n" -- $MEM --event-bytes 1024 $H HISTORY_MAX_BYTES=1073741824
+    run memory 64m-1238 "$n" -- $MEM --event-bytes 1238
+    run memory expiry "$n" -- $MEM --event-bytes 1024 $H HISTORY_TTL_SECONDS=5 --expire-wait 30
+  fi
+done
+echo "logs and SUMMARY lines in $OUT; table: loadtest/history-table.py $OUT"
