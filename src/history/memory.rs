@@ -22,11 +22,19 @@ use super::{Kept, Now, Position};
 use crate::channels::ProcessHasher;
 use crate::frame::Event;
 
-/// What one kept (channel, event) costs besides the frame: its ring slot (40 B), its slot in the
-/// global order (32 B), and the allocators' slack on both.
-pub const ENTRY_OVERHEAD: usize = 96;
-/// What one channel's history costs besides its name: map entry, ring header, `Arc<str>` header.
-pub const CHANNEL_OVERHEAD: usize = 128;
+/// What one kept (channel, event) costs besides the frame: its ring slot (40 B) and its slot in
+/// the global order (32 B), each up to twice over in a ring that doubles, and the frame's shared
+/// header once it is cloned (32 B). Measured against RSS in BENCHMARKS.md §10.
+pub const ENTRY_OVERHEAD: usize = 176;
+/// What one channel's history costs besides its name: its map entry (56 B, in a table that is at
+/// most 7/8 full and doubles), the ring's first slots, the `Arc<str>` header and allocator slack.
+pub const CHANNEL_OVERHEAD: usize = 320;
+
+/// A kept frame's bytes as the allocator holds them: mimalloc rounds a block up to its size class,
+/// up to a quarter more.
+fn frame_cost(frame: &Bytes) -> usize {
+    frame.len() + frame.len() / 4
+}
 
 pub struct Store {
     inner: Mutex<Inner>,
@@ -59,7 +67,6 @@ struct Slot {
     channel: Arc<str>,
 }
 
-#[derive(Default)]
 struct Ring {
     entries: VecDeque<(u64, Bytes)>,
     floor: u64,
@@ -118,7 +125,14 @@ impl Store {
                 None => {
                     let channel: Arc<str> = Arc::from(name);
                     inner.bytes += CHANNEL_OVERHEAD + name.len();
-                    inner.channels.insert(channel.clone(), Ring::default());
+                    inner.channels.insert(
+                        channel.clone(),
+                        Ring {
+                            // One slot first: most channels keep few events at a time.
+                            entries: VecDeque::with_capacity(1),
+                            floor: 0,
+                        },
+                    );
                     (channel.clone(), inner.channels.get_mut(name))
                 }
             };
@@ -132,11 +146,11 @@ impl Store {
                 continue;
             }
             ring.entries.push_back((position.seq, frame.clone()));
-            inner.bytes += frame.len() + ENTRY_OVERHEAD;
+            inner.bytes += frame_cost(&frame) + ENTRY_OVERHEAD;
             if ring.entries.len() > self.size {
                 let (seq, dropped) = ring.entries.pop_front().expect("longer than the size");
                 ring.floor = seq;
-                inner.bytes -= dropped.len();
+                inner.bytes -= frame_cost(&dropped);
             }
             inner.order.push_back(Slot {
                 seq: position.seq,
@@ -214,7 +228,7 @@ impl Inner {
                 .is_some_and(|(seq, _)| *seq == slot.seq)
             {
                 let (seq, frame) = ring.entries.pop_front().expect("front exists");
-                self.bytes -= frame.len();
+                self.bytes -= frame_cost(&frame);
                 ring.floor = seq;
                 if !expired {
                     self.forgotten_through = seq;
@@ -229,6 +243,14 @@ impl Inner {
                 self.channels.remove(&slot.channel);
                 self.bytes -= CHANNEL_OVERHEAD + slot.channel.len();
             }
+        }
+        // Tables sized for a peak give it back once the history is far below it (expiry after a
+        // burst of channels), rather than holding it for the process's life.
+        if self.channels.capacity() > 1024 && self.channels.capacity() > 4 * self.channels.len() {
+            self.channels.shrink_to(2 * self.channels.len());
+        }
+        if self.order.capacity() > 1024 && self.order.capacity() > 4 * self.order.len() {
+            self.order.shrink_to(2 * self.order.len());
         }
     }
 }
@@ -280,7 +302,7 @@ mod tests {
     fn the_byte_bound_drops_the_oldest_across_channels_and_counts_back_to_zero() {
         let data = "y".repeat(1000);
         // A frame is the data plus `data: `, the id line and the line ends: under 1100 B.
-        let max = 20 * (1100 + ENTRY_OVERHEAD + CHANNEL_OVERHEAD + 4);
+        let max = 20 * (1100 * 5 / 4 + ENTRY_OVERHEAD + CHANNEL_OVERHEAD + 4);
         let store = Store::new(10, Duration::from_secs(60), max);
         for i in 0..1000 {
             let name = format!("c{i}");

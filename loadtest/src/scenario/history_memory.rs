@@ -31,10 +31,11 @@ pub struct Opts {
 const DEFAULT_MAX_BYTES: u64 = 64 << 20;
 const DEFAULT_MAX_SEND_BYTES: usize = 1 << 20;
 const DEFAULT_MAX_BATCH_ITEMS: usize = 1000;
-/// What the gateway counts per kept entry and per channel besides the frame and the name
-/// (`src/history/memory.rs`: `ENTRY_OVERHEAD`, `CHANNEL_OVERHEAD`).
-const ENTRY_OVERHEAD: u64 = 96;
-const CHANNEL_OVERHEAD: u64 = 128;
+/// What the gateway counts per kept entry and per channel besides the frame and the name, and
+/// the frame as a quarter more than its length (`src/history/memory.rs`: `ENTRY_OVERHEAD`,
+/// `CHANNEL_OVERHEAD`, `frame_cost`).
+const ENTRY_OVERHEAD: u64 = 176;
+const CHANNEL_OVERHEAD: u64 = 320;
 
 #[derive(Clone, Copy)]
 struct Sample {
@@ -125,6 +126,7 @@ pub async fn run(ctx: &mut Ctx, o: Opts) {
         .to_string()
         .len() as u64;
     let frame = 28 + seq_digits + 6 + o.event_bytes as u64 + 2;
+    let frame = frame + frame / 4;
     let name = 1 + (o.channels.max(1) - 1).to_string().len() as u64;
     let per_channel = frame + ENTRY_OVERHEAD + CHANNEL_OVERHEAD + name;
     ctx.report.line(format!(
