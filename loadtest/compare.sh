@@ -17,9 +17,7 @@ RUNS=3
 ONLY="density,cpu_event,max_sends,pertoken18k,publish18k,connect,heartbeat,floor,batch_cpu,batch_max"
 OUT=${OUT:-/tmp/sse-compare.$$}
 INSTALL=1
-# Cargo's target directory, found as cargo finds it (CARGO_TARGET_DIR, else build.target-dir or target/).
-TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+. "$ROOT/loadtest/bench-lib.sh"
 GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
 LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
 FLOOR=${FLOOR:-$TARGET_DIR/release/sse-floor}

@@ -33,8 +33,7 @@ QUICK=0
 QUIET_WAIT=0
 QUIET_BUSY=15
 OUT=${OUT:-/tmp/sse-history.$$}
-TARGET_DIR=${CARGO_TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps --manifest-path "$ROOT/Cargo.toml" |
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
+. "$ROOT/loadtest/bench-lib.sh"
 GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
 LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
 SERVER_CPU=0
@@ -66,28 +65,6 @@ fi
   echo "args runs=$RUNS only=$ONLY quick=$QUICK quiet_wait=$QUIET_WAIT"
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
-
-# busy_pct: share of both CPUs busy over the next second (/proc/stat), all processes.
-busy_pct() {
-  local a b
-  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
-  local idle=$(( (b[4] + b[5]) - (a[4] + a[5]) )) total=0 i
-  for i in 1 2 3 4 5 6 7 8; do total=$(( total + b[i] - a[i] )); done
-  echo $(( total > 0 ? 100 - 100 * idle / total : 0 ))
-}
-
-# quiet: with --quiet-wait S, wait up to S s for a second in which the machine is at most
-# QUIET_BUSY % busy (other people's builds on a shared machine), and say what was found.
-quiet() {
-  [ "$QUIET_WAIT" -gt 0 ] || return 0
-  local t0=$SECONDS b
-  while :; do
-    b=$(busy_pct)
-    [ "$b" -le "$QUIET_BUSY" ] && { echo "   (machine ${b}% busy after $((SECONDS - t0)) s of waiting)"; return 0; }
-    [ $((SECONDS - t0)) -ge "$QUIET_WAIT" ] && { echo "   (machine still ${b}% busy after ${QUIET_WAIT} s: running anyway)"; return 0; }
-    sleep 2
-  done
-}
 
 # run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
 run() {

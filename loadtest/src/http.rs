@@ -333,55 +333,44 @@ mod tests {
     fn sse_events_and_comments() {
         let stream = b": heartbeat\n\nevent: e\nid: 1\ndata: 7 1000\ndata:two\r\n\ndata\n\n: x\n";
         for step in 1..stream.len() {
-            let mut p = SseParser::default();
-            let mut got = Vec::new();
-            for part in stream.chunks(step) {
-                p.feed(part, |item| {
-                    got.push(match item {
-                        SseItem::Event(d) => format!("E{}", String::from_utf8_lossy(d)),
-                        SseItem::Comment(c) => format!("C{}", String::from_utf8_lossy(c)),
-                        SseItem::Id { id, data } => {
-                            format!(
-                                "I{}{}",
-                                String::from_utf8_lossy(id),
-                                if data { "" } else { "!" }
-                            )
-                        }
-                    })
-                })
-                .unwrap();
-            }
             assert_eq!(
-                got,
+                parse_in_steps(stream, step),
                 ["C heartbeat", "I1", "E7 1000\ntwo", "E", "C x"],
                 "step {step}"
             );
         }
     }
 
+    /// `stream` fed `step` bytes at a time; each item as a letter and its bytes.
+    fn parse_in_steps(stream: &[u8], step: usize) -> Vec<String> {
+        let mut p = SseParser::default();
+        let mut got = Vec::new();
+        for part in stream.chunks(step) {
+            p.feed(part, |item| {
+                got.push(match item {
+                    SseItem::Event(d) => format!("E{}", String::from_utf8_lossy(d)),
+                    SseItem::Comment(c) => format!("C{}", String::from_utf8_lossy(c)),
+                    SseItem::Id { id, data } => format!(
+                        "I{}{}",
+                        String::from_utf8_lossy(id),
+                        if data { "" } else { "!" }
+                    ),
+                })
+            })
+            .unwrap();
+        }
+        got
+    }
+
     #[test]
     fn sse_ids_at_dispatch() {
         let stream = b"id: a-1\ndata: x\n\nid: b\n\nidx: 9\nid\ndata: y\n\ndata: z\n\n";
         for step in 1..stream.len() {
-            let mut p = SseParser::default();
-            let mut got = Vec::new();
-            for part in stream.chunks(step) {
-                p.feed(part, |item| {
-                    got.push(match item {
-                        SseItem::Event(d) => format!("E{}", String::from_utf8_lossy(d)),
-                        SseItem::Comment(c) => format!("C{}", String::from_utf8_lossy(c)),
-                        SseItem::Id { id, data } => {
-                            format!(
-                                "I{}{}",
-                                String::from_utf8_lossy(id),
-                                if data { "" } else { "!" }
-                            )
-                        }
-                    })
-                })
-                .unwrap();
-            }
-            assert_eq!(got, ["Ia-1", "Ex", "Ib!", "I", "Ey", "Ez"], "step {step}");
+            assert_eq!(
+                parse_in_steps(stream, step),
+                ["Ia-1", "Ex", "Ib!", "I", "Ey", "Ez"],
+                "step {step}"
+            );
         }
     }
 
