@@ -609,8 +609,9 @@ impl Gateway {
                 // A new stream's page has no state to reload, so a loss in that window (a
                 // channel's size bound passed while the join ran) is no gap here; its position
                 // tells if the page ever resumes from it.
-                let frames = std::iter::once(history::position_frame(&start))
-                    .chain(history::kept_after(start.seq, kept))
+                let replay = history::kept_after(start.seq, kept);
+                let frames = std::iter::once((start.seq, history::position_frame(&start)))
+                    .chain(replay.into_iter().map(|(at, frame)| (at.seq, frame)))
                     .collect();
                 if !stream.catch_up(frames, start.seq, now.position.seq, max) {
                     self.end(stream, EndReason::Error);
@@ -631,7 +632,7 @@ impl Gateway {
         };
         let complete = gap.is_none();
         if let Some((frame, through)) = gap {
-            if !stream.catch_up(vec![frame], through, through, max) {
+            if !stream.catch_up(vec![(through, frame)], through, through, max) {
                 self.end(stream, EndReason::Error);
             }
         }

@@ -298,33 +298,27 @@ impl Stream {
     }
 
     /// Catches a stream up before it is accepted (PROTOCOL §11): `first` (a replay of what its
-    /// channels kept after position `after`, oldest first, or a gap event) and what its channels
+    /// channels kept after position `after`, oldest first, or a gap event at `after`; each frame
+    /// with the seq it sorts by) and what its channels
     /// delivered since it joined them become one queue in position order, each position once;
     /// frames at or before `after` are dropped, now and when they arrive late, as are late
     /// copies of what is queued up to `through` (the history's position at the snapshot).
     /// Frames without a position (heartbeats) keep to the end. Called while no writer has taken
     /// anything. False, changing nothing, when it all would not fit in `max_queue_bytes`.
-    pub fn catch_up(&self, first: Vec<Bytes>, after: u64, through: u64, max: usize) -> bool {
+    pub fn catch_up(&self, first: Vec<(u64, Bytes)>, after: u64, through: u64, max: usize) -> bool {
         let mut state = self.state.lock();
         // A clean end (a closing publish that raced the catch-up) still drains the queue: the
         // replay goes before its frame. After any other end nobody will read it.
         if state.end.is_some_and(|end| end != EndReason::ServerClosed) {
             return true;
         }
-        let seq = |frame: &Bytes| history::position_of(frame).map(|p| p.seq);
-        // `first` leads: a gap event has no position of its own to sort by.
-        let mut ordered: Vec<(u64, Bytes)> = first.into_iter().map(|f| (0, f)).collect();
+        let mut ordered = first;
         let mut rest = Vec::new();
         for frame in &state.queue {
-            match seq(frame) {
+            match history::position_of(frame).map(|p| p.seq) {
                 Some(at) if at <= after => {}
                 Some(at) => ordered.push((at, frame.clone())),
                 None => rest.push(frame.clone()),
-            }
-        }
-        for entry in ordered.iter_mut() {
-            if entry.0 == 0 {
-                entry.0 = seq(&entry.1).unwrap_or(after);
             }
         }
         // Stable: a position both replayed and delivered keeps the replay's copy.
@@ -614,6 +608,11 @@ mod tests {
         history::frame(&position, &crate::frame::Event::default())
     }
 
+    /// A replay of the frames at `seqs`, as the history hands it over.
+    fn replay(seqs: &[u64]) -> Vec<(u64, Bytes)> {
+        seqs.iter().map(|&seq| (seq, at(seq))).collect()
+    }
+
     #[test]
     fn a_catch_up_puts_the_replay_first_and_each_position_once() {
         let s = stream();
@@ -623,7 +622,7 @@ mod tests {
         for seq in [1, 5, 8] {
             s.deliver(Some(&at(seq)), false, 1 << 20, seq);
         }
-        assert!(s.catch_up(vec![at(3), at(4), at(5)], 2, 6, 1 << 20));
+        assert!(s.catch_up(replay(&[3, 4, 5]), 2, 6, 1 << 20));
         // Late copies of what the catch-up holds (their fan-out listed the stream before it),
         // and anything at or before the position, are dropped until a later position arrives;
         // per-token frames (seq 0) always pass.
@@ -653,7 +652,7 @@ mod tests {
     #[test]
     fn a_late_frame_the_replay_did_not_hold_is_delivered() {
         let s = stream();
-        assert!(s.catch_up(vec![at(3)], 2, 5, 1 << 20));
+        assert!(s.catch_up(replay(&[3]), 2, 5, 1 << 20));
         assert!(matches!(
             s.deliver(Some(&at(4)), false, 1 << 20, 4),
             Delivery::Queued { .. }
@@ -666,7 +665,7 @@ mod tests {
         let s = stream();
         s.deliver(Some(&at(4)), false, 1 << 20, 4);
         s.deliver(Some(&at(7)), false, 1 << 20, 7);
-        assert!(s.catch_up(vec![frame("gap")], 5, 5, 1 << 20));
+        assert!(s.catch_up(vec![(5, frame("gap"))], 5, 5, 1 << 20));
         assert!(matches!(
             s.deliver(Some(&at(5)), false, 1 << 20, 5),
             Delivery::Replayed
@@ -679,15 +678,15 @@ mod tests {
         let s = stream();
         s.deliver(Some(&at(8)), false, 1 << 20, 8);
         let bound = at(8).len() + at(3).len();
-        assert!(!s.catch_up(vec![at(3), at(4)], 2, 6, bound));
-        assert!(s.catch_up(vec![at(3)], 2, 6, bound));
+        assert!(!s.catch_up(replay(&[3, 4]), 2, 6, bound));
+        assert!(s.catch_up(replay(&[3]), 2, 6, bound));
         assert_eq!(take(&s), vec![at(3), at(8)]);
     }
 
     #[test]
     fn a_closing_frame_keeps_its_close_when_replayed_and_a_clean_end_keeps_the_replay() {
         let s = stream();
-        assert!(s.catch_up(vec![at(3), at(4)], 2, 4, 1 << 20));
+        assert!(s.catch_up(replay(&[3, 4]), 2, 4, 1 << 20));
         assert!(matches!(
             s.deliver(Some(&at(4)), true, 1 << 20, 4),
             Delivery::Queued { ended: true }
@@ -697,7 +696,7 @@ mod tests {
         // The closing publish arrived between the join and the resume.
         let s = stream();
         s.deliver(Some(&at(9)), true, 1 << 20, 9);
-        assert!(s.catch_up(vec![at(7), at(8)], 6, 8, 1 << 20));
+        assert!(s.catch_up(replay(&[7, 8]), 6, 8, 1 << 20));
         assert_eq!(take(&s), vec![at(7), at(8), at(9)]);
     }
 }

@@ -113,10 +113,10 @@ pub struct Now {
 /// What a stream that came back with a position gets first.
 #[derive(Debug)]
 pub enum Resume {
-    /// Every event of its channels after the position `after`, oldest first, each once; then
-    /// live events after `through`.
+    /// Every event of its channels after the position `after`, oldest first, each once and with
+    /// its seq; then live events after `through`.
     Complete {
-        frames: Vec<Bytes>,
+        frames: Vec<(u64, Bytes)>,
         after: u64,
         through: u64,
     },
@@ -141,40 +141,42 @@ pub fn resolve(last_event_id: &str, now: Now, ttl: Duration, channels: Vec<Kept>
     let ttl = ttl.as_millis() as u64;
     // Kept past this time only by the sweep's lag: expired all the same.
     let horizon = now.position.ms.saturating_sub(ttl);
-    for channel in &channels {
-        let lost = if channel.known {
+    let lost = channels.iter().any(|channel| {
+        if channel.known {
             channel.floor > from.seq
-                || channel.frames.iter().any(|frame| {
-                    position_of(frame).is_some_and(|at| at.seq > from.seq && at.ms <= horizon)
-                })
         } else {
             // Nothing kept: events after `from` would be kept unless they expired, and only
             // events published more than a TTL ago can have; or the byte bound forgot them.
             from.ms <= horizon || from.seq < now.forgotten_through
-        };
-        if lost {
-            return gap();
         }
+    });
+    if lost {
+        return gap();
+    }
+    let frames = kept_after(from.seq, channels);
+    if frames.iter().any(|(at, _)| at.ms <= horizon) {
+        return gap();
     }
     Resume::Complete {
-        frames: kept_after(from.seq, channels),
+        frames: frames.into_iter().map(|(at, f)| (at.seq, f)).collect(),
         after: from.seq,
         through: now.position.seq,
     }
 }
 
 /// The kept frames of `channels` after position `after`, oldest first, each once (an event
-/// published to several of the channels is kept in each).
-pub fn kept_after(after: u64, channels: Vec<Kept>) -> Vec<Bytes> {
-    let mut frames: Vec<(u64, Bytes)> = channels
+/// published to several of the channels is kept in each), with their positions: each frame's
+/// `id:` line is read here, once.
+pub fn kept_after(after: u64, channels: Vec<Kept>) -> Vec<(Position, Bytes)> {
+    let mut frames: Vec<(Position, Bytes)> = channels
         .into_iter()
         .flat_map(|channel| channel.frames)
-        .filter_map(|frame| Some((position_of(&frame)?.seq, frame)))
-        .filter(|(seq, _)| *seq > after)
+        .filter_map(|frame| Some((position_of(&frame)?, frame)))
+        .filter(|(at, _)| at.seq > after)
         .collect();
-    frames.sort_unstable_by_key(|(seq, _)| *seq);
-    frames.dedup_by_key(|(seq, _)| *seq);
-    frames.into_iter().map(|(_, frame)| frame).collect()
+    frames.sort_unstable_by_key(|(at, _)| at.seq);
+    frames.dedup_by_key(|(at, _)| at.seq);
+    frames
 }
 
 /// `event: gateway.gap` with the position as received and the current position as its `id`,
@@ -262,9 +264,7 @@ mod tests {
 
     fn seqs(resume: Resume) -> Vec<u64> {
         match resume {
-            Resume::Complete { frames, .. } => {
-                frames.iter().map(|f| position_of(f).unwrap().seq).collect()
-            }
+            Resume::Complete { frames, .. } => frames.iter().map(|(seq, _)| *seq).collect(),
             Resume::Gap { .. } => panic!("a gap"),
         }
     }
