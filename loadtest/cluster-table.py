@@ -4,43 +4,20 @@
 For each figure: the single-node side and the cluster side, median (the runs), the ratio of the
 medians and, where issue 9 sets a bound, whether the medians meet it and in how many runs it held.
 """
-import json, os, statistics, sys
+import os, statistics, sys
+
+import summaries
+from summaries import fmt, med, vals
 
 d = sys.argv[1]
 
 
 def runs(name, side):
-    p = os.path.join(d, f"{name}.{side}.summaries")
-    if not os.path.exists(p):
-        return []
-    return [json.loads(l.split(" ", 1)[1]) for l in open(p) if l.startswith("SUMMARY")]
-
-
-def vals(rs, f):
-    out = []
-    for s in rs:
-        try:
-            out.append(f(s))
-        except (KeyError, TypeError, IndexError):
-            out.append(None)
-    return out
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def fmt(v):
-    if v is None:
-        return "n/a"
-    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 10:
-        return f"{v:.0f}"
-    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+    return summaries.runs(d, name, side)
 
 
 def cell(xs):
-    return f"{fmt(med(xs))} ({', '.join(fmt(x) for x in xs)})" if xs else "n/a"
+    return summaries.cell(xs, bold=False)
 
 
 def cpu_us_per_event(s):

@@ -33,11 +33,7 @@ QUIET_WAIT=0
 QUIET_BUSY=15
 OUT=${OUT:-/tmp/sse-cluster.$$}
 . "$ROOT/loadtest/bench-lib.sh"
-GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
-LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
 REDIS_BIN=${REDIS_BIN:-/usr/bin/redis-server}
-SERVER_CPU=0
-LOAD_CPU=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -58,33 +54,9 @@ if [ "$QUICK" = 1 ]; then
 else
   STEPS=1000,5000,10000,18000; SETTLE=3; ROUNDS=5
 fi
-{
-  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "nproc $(nproc)"
-  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  echo "kernel $(uname -r)"
-  echo "redis $("$REDIS_BIN" --version)"
-  echo "gateway $GATEWAY_BIN (built from ${GATEWAY_COMMIT:-$(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?')})"
-  echo "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK quiet_wait=$QUIET_WAIT"
-} > "$OUT/machine.txt"
-cat "$OUT/machine.txt"
-
-# run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
-run() {
-  local name=$1 side=$2 n=$3; shift 4
-  local log="$OUT/$name.$side.$n.log"
-  quiet
-  local t0=$SECONDS load0
-  load0=$(cut -d' ' -f1-3 /proc/loadavg)
-  echo "loadavg before: $load0" > "$log"
-  timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" --redis-bin "$REDIS_BIN" \
-    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 >> "$log" 2>&1 || true
-  echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$log"
-  echo "== $name $side run $n ($((SECONDS - t0)) s, loadavg $load0 -> $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
-  grep -E '^SUMMARY' "$log" >> "$OUT/$name.$side.summaries" || true
-}
-
-want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+machine_info "redis $("$REDIS_BIN" --version)" \
+  "args runs=$RUNS only=$ONLY duration=$DURATION nodes=$NODES quick=$QUICK quiet_wait=$QUIET_WAIT"
+RUN_ARGS=(--redis-bin "$REDIS_BIN")
 
 UNI="unicast -n 1000 -c 8 --rate 2000 --duration $DURATION"
 PUB="broadcast -n 18000 --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10 --probe-rate 200"

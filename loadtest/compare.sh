@@ -18,11 +18,7 @@ ONLY="density,cpu_event,max_sends,pertoken18k,publish18k,connect,heartbeat,floor
 OUT=${OUT:-/tmp/sse-compare.$$}
 INSTALL=1
 . "$ROOT/loadtest/bench-lib.sh"
-GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
-LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
 FLOOR=${FLOOR:-$TARGET_DIR/release/sse-floor}
-SERVER_CPU=0
-LOAD_CPU=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -85,8 +81,6 @@ run() {
   echo "== $name $target run $n: $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
   grep -E '^SUMMARY' "$log" >> "$OUT/$name.$target.summaries" || true
 }
-
-want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 for n in $(seq "$RUNS"); do
   for target in gateway nchan; do

@@ -6,45 +6,21 @@ against the 1.2x bound (and in how many run pairs it held). storm: the resume st
 storm without Last-Event-ID, and the difference of their gateway CPU per replayed event. memory:
 one row per HISTORY_MAX_BYTES variant.
 """
-import json, os, statistics, sys
+import statistics, sys
+
+import summaries
+from summaries import fmt, med, vals
 
 d = sys.argv[1]
 MIB = 1024 * 1024
 
 
 def runs(name, side):
-    p = os.path.join(d, f"{name}.{side}.summaries")
-    if not os.path.exists(p):
-        return []
-    return [json.loads(l.split(" ", 1)[1]) for l in open(p) if l.startswith("SUMMARY")]
-
-
-def vals(rs, f):
-    out = []
-    for s in rs:
-        try:
-            v = f(s)
-        except (KeyError, TypeError, IndexError, ZeroDivisionError):
-            v = None
-        out.append(v)
-    return out
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def fmt(v):
-    if v is None:
-        return "n/a"
-    if isinstance(v, int) or (float(v).is_integer() and abs(v) >= 10):
-        return f"{v:.0f}"
-    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+    return summaries.runs(d, name, side)
 
 
 def cell(xs):
-    return f"**{fmt(med(xs))}** ({', '.join(fmt(x) for x in xs)})" if xs else "n/a"
+    return summaries.cell(xs, bold=True)
 
 
 def loads(rs):

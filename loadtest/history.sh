@@ -34,10 +34,6 @@ QUIET_WAIT=0
 QUIET_BUSY=15
 OUT=${OUT:-/tmp/sse-history.$$}
 . "$ROOT/loadtest/bench-lib.sh"
-GATEWAY_BIN=${GATEWAY_BIN:-$TARGET_DIR/release/sse-gateway}
-LOAD=${LOAD:-$TARGET_DIR/release/sse-load}
-SERVER_CPU=0
-LOAD_CPU=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) RUNS=$2; shift 2 ;;
@@ -55,33 +51,8 @@ if [ "$QUICK" = 1 ]; then
 else
   PUB_N=18000; ROUNDS=10; STORM_N=10000; MEM_CHANNELS=100000
 fi
-{
-  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "nproc $(nproc)"
-  echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-  echo "kernel $(uname -r)"
-  echo "nofile $(ulimit -Hn) somaxconn $(cat /proc/sys/net/core/somaxconn)"
-  echo "gateway $GATEWAY_BIN (built from ${GATEWAY_COMMIT:-$(git -C "$ROOT" log -1 --format='%h %s' 2>/dev/null || echo '?')})"
-  echo "args runs=$RUNS only=$ONLY quick=$QUICK quiet_wait=$QUIET_WAIT"
-} > "$OUT/machine.txt"
-cat "$OUT/machine.txt"
-
-# run NAME SIDE N -- sse-load args...: one run, its output in $OUT/NAME.SIDE.N.log
-run() {
-  local name=$1 side=$2 n=$3; shift 4
-  local log="$OUT/$name.$side.$n.log"
-  quiet
-  local t0=$SECONDS load0
-  load0=$(cut -d' ' -f1-3 /proc/loadavg)
-  echo "loadavg before: $load0" > "$log"
-  timeout 600 "$LOAD" "$@" --gateway-bin "$GATEWAY_BIN" \
-    --server-cpu "$SERVER_CPU" --load-cpu "$LOAD_CPU" --gateway-env WORKER_THREADS=1 >> "$log" 2>&1 || true
-  echo "loadavg after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$log"
-  echo "== $name $side run $n ($((SECONDS - t0)) s, loadavg $load0 -> $(cut -d' ' -f1-3 /proc/loadavg)): $(grep -E '^RESULT' "$log" || echo 'no RESULT line')"
-  grep -E '^SUMMARY' "$log" | sed "s/^SUMMARY {/SUMMARY {\"loadavg\":\"$load0\",/" >> "$OUT/$name.$side.summaries" || true
-}
-
-want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+machine_info "nofile $(ulimit -Hn) somaxconn $(cat /proc/sys/net/core/somaxconn)" \
+  "args runs=$RUNS only=$ONLY quick=$QUICK quiet_wait=$QUIET_WAIT"
 
 H=--gateway-env
 PUB="broadcast -n $PUB_N --publish --channel all --rounds $ROUNDS --interval-ms 500 --round-timeout 10"
