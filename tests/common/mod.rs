@@ -162,6 +162,22 @@ impl GatewayBuilder {
         logs.wait_eof(SOON).await;
         (status.code(), logs.lines())
     }
+
+    /// Runs a gateway with `var=value` that must refuse to start: `None` if it exited 2 with a
+    /// message naming `var` and never listened, else what it did instead.
+    pub async fn refusal_problem(self, var: &str, value: &str) -> Option<String> {
+        let (code, lines) = self
+            .env(var, value)
+            .run_to_exit(Duration::from_secs(10))
+            .await;
+        let named = lines.iter().any(|l| l.contains(var));
+        let listening = lines.iter().any(|l| l.contains("listener on"));
+        (code != Some(2) || !named || listening).then(|| {
+            format!(
+                "{var}={value:?}: exit {code:?}, names it: {named}, listened: {listening}; stderr {lines:?}"
+            )
+        })
+    }
 }
 
 fn listener_addr(line: &str) -> SocketAddr {
